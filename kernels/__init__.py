@@ -1,0 +1,9 @@
+"""Triton kernels (each with a pure-torch reference) for serving: attention over SGLang's paged KV layout, KV
+stores, norms, RoPE, activations and the EAGLE tree ops. Imports nothing else from the project."""
+
+from kernels.decode_attention import decode_attention, decode_attention_ref
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_ref",
+]

@@ -1,0 +1,327 @@
+"""Paged decode attention over SGLang's KV-cache layout, split along the KV length (flash-decoding).
+
+Stage 1: one program per (request, KV head, KV split) processes the whole group of query heads that share the KV
+head, so each K/V block is read once per KV head, and writes a partial output and its log-sum-exp.
+Stage 2: one program per (request, query head) merges the splits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, on_interpreter
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_attention_block(
+    q,
+    k_buffer_ptr,
+    v_buffer_ptr,
+    req_to_token_ptr,
+    req_row,
+    stride_req,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    kv_head,
+    n0,
+    end,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with keys n0..n0+BLOCK_N."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = n0 + offs_n
+    mask_n = pos < end
+    slots = tl.load(req_to_token_ptr + req_row * stride_req + pos, mask=mask_n, other=0).to(tl.int64)
+    kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(
+        k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
+    )  # [BLOCK_N, BLOCK_D]
+    if INTERPRET:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
+    )
+    if INTERPRET:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_attention_stage1_kernel(
+    q_ptr,
+    k_buffer_ptr,
+    v_buffer_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    seq_lens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_req,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    req_row = tl.load(req_pool_indices_ptr + b).to(tl.int64)
+    # Splits are whole blocks long so that only the last block of a split is partial.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
+
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_H, BLOCK_D]
+    if INTERPRET:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    if INTERPRET:
+        # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
+        n0 = start
+        while n0 < end:
+            m_i, l_i, acc = _decode_attention_block(
+                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+            )
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _decode_attention_block(
+                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+            )
+
+    has_keys = l_i > 0.0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(
+        partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
+        out,
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
+    tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_attention_stage2_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(partial_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.maximum(tl.max(lse, 0), -1.0e30)
+    w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
+    partial = tl.load(
+        partial_out_ptr + b * stride_pob + head * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * partial, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+    num_kv_splits: int = 8,
+    max_seq_len_hint: int | None = None,
+) -> torch.Tensor:
+    """One new token per request attends to its paged KV history.
+
+    q [B, Hq, D]; k_buffer, v_buffer [num_slots, Hkv, D]; req_to_token [max_reqs, max_context] int32;
+    req_pool_indices [B]; seq_lens [B] (keys per request, the new token's own K/V already stored).
+    `max_seq_len_hint` (an upper bound on seq_lens known on the host) only caps the number of splits.
+    Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    batch, num_q_heads, head_dim = q.shape
+    check_tensor("k_buffer", k_buffer, ndim=3, dtypes=(q.dtype,), device=q.device, last_dim_contiguous=True)
+    num_kv_heads = k_buffer.shape[1]
+    check_tensor("k_buffer", k_buffer, shape=(None, num_kv_heads, head_dim))
+    check_tensor(
+        "v_buffer", v_buffer, ndim=3, dtypes=(q.dtype,), shape=tuple(k_buffer.shape), device=q.device,
+        last_dim_contiguous=True,
+    )
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"q has {num_q_heads} heads, not a multiple of k_buffer's {num_kv_heads} KV heads")
+    check_tensor("req_to_token", req_to_token, ndim=2, dtypes=INDEX_DTYPES, device=q.device, last_dim_contiguous=True)
+    check_tensor("req_pool_indices", req_pool_indices, ndim=1, dtypes=INDEX_DTYPES, shape=(batch,), device=q.device)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES, shape=(batch,), device=q.device)
+    if req_pool_indices.stride(0) != 1 and batch > 1:
+        raise ValueError("req_pool_indices must be contiguous")
+    if seq_lens.stride(0) != 1 and batch > 1:
+        raise ValueError("seq_lens must be contiguous")
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    check_out("out", out, (batch, num_q_heads, head_dim), q.dtype, q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return out
+
+    interpret = on_interpreter(q)
+    block_n = 16 if interpret else 64
+    if max_seq_len_hint is not None:
+        num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
+    group = num_q_heads // num_kv_heads
+    block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
+    block_d = next_pow2(head_dim)
+
+    # fp32 scratch: [B, Hq, splits, D] partial outputs and [B, Hq, splits] log2-sum-exp.
+    partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+
+    gpu_opts = {} if interpret else {"num_warps": 4, "num_stages": 2}
+    _decode_attention_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
+        q,
+        k_buffer,
+        v_buffer,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        partial_out,
+        partial_lse,
+        sm_scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_buffer.stride(0),
+        k_buffer.stride(1),
+        v_buffer.stride(0),
+        v_buffer.stride(1),
+        req_to_token.stride(0),
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        GROUP=group,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        NUM_SPLITS=num_kv_splits,
+        INTERPRET=interpret,
+        **gpu_opts,
+    )
+    _decode_attention_stage2_kernel[(batch, num_q_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_S=next_pow2(num_kv_splits),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        **({} if interpret else {"num_warps": 4}),
+    )
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Pure-torch decode attention in fp32 (one request at a time); requests with no keys get zeros."""
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // k_buffer.shape[1]
+    out = torch.zeros((batch, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        seq_len = int(seq_lens[b])
+        if seq_len == 0:
+            continue
+        slots = req_to_token[int(req_pool_indices[b]), :seq_len].long()
+        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_buffer[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale  # [Hq, L]
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
+    return out.to(q.dtype)
+

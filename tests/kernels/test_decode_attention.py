@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from kernels.decode_attention import decode_attention, decode_attention_ref
+from tests.kernels.paged import TOLERANCES, make_paged_cache
+
+SEQ_LENS = [1, 7, 37, 123]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_matches_reference(dtype, group, head_dim):
+    num_kv_heads = 2
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(SEQ_LENS, num_kv_heads, head_dim, dtype)
+    seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
+    q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = head_dim**-0.5
+    out = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, num_kv_splits=3)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 16])
+def test_decode_attention_split_counts_and_out_buffer(num_kv_splits):
+    """One split (whole length in one program) and more splits than blocks (empty splits) agree with the reference."""
+    lens = [5, 123, 40]
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 1, 64, torch.float32, seed=3)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    q = torch.randn(3, 4, 64)
+    out = torch.full_like(q, float("nan"))
+    res = decode_attention(
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, out=out, num_kv_splits=num_kv_splits
+    )
+    assert res is out
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+
+
+def test_decode_attention_ignores_slots_past_seq_len():
+    lens = [9]
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32)
+    seq_lens = torch.tensor(lens)
+    q = torch.randn(1, 4, 64)
+    before = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    req_to_token[req_pool_indices[0], 9:] = req_to_token[req_pool_indices[0], 0]  # poison unused positions
+    after = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+def test_decode_attention_rejects_bad_arguments():
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache([4, 4], 2, 64, torch.float32)
+    q = torch.randn(2, 4, 64)
+    seq_lens = torch.tensor([4, 4])
+    with pytest.raises(ValueError, match="q has 3 heads"):
+        decode_attention(q[:, :3], k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0)
+    with pytest.raises(ValueError, match="k_buffer"):
+        decode_attention(q, k_buffer.half(), v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens[:1], 1.0)
+    with pytest.raises(ValueError, match="out"):
+        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, out=q[:1].clone())
