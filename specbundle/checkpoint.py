@@ -63,6 +63,66 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from the safetensors headers only (no tensor data is read)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise DraftConfigError(f"no safetensors weights found in {path} (pickle checkpoints are not loaded)")
+    shapes = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[_normalize_key(key)] = tuple(fh.get_slice(key).get_shape())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise DraftConfigError(f"cannot read safetensors file {f}: {e}") from e
+    return shapes
+
+
+def _check_config_against_target(cfg: DraftConfig, target_hidden_size: int | None, target_vocab_size: int | None):
+    if target_hidden_size is not None and cfg.target_hidden_size != target_hidden_size:
+        raise DraftConfigError(
+            f"draft 'target_hidden_size' is {cfg.target_hidden_size} but the target's hidden size is {target_hidden_size}"
+        )
+    if target_vocab_size is not None and cfg.vocab_size != target_vocab_size:
+        raise DraftConfigError(f"draft 'vocab_size' is {cfg.vocab_size} but the target's vocabulary is {target_vocab_size}")
+
+
+def _check_keys_and_shapes(folder: Path, cfg: DraftConfig, state_shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Raise DraftConfigError on any missing/unexpected key or wrong shape; returns whether an lm_head is present."""
+    has_head = "lm_head.weight" in state_shapes
+    shapes = expected_shapes(cfg, with_lm_head=has_head)
+    if has_head and cfg.effective_draft_vocab_size == cfg.vocab_size:
+        # Full-vocabulary head: the maps are optional (identity).
+        for key in ("d2t", "t2d"):
+            if key not in state_shapes:
+                shapes.pop(key)
+    missing = [k for k in shapes if k not in state_shapes]
+    if missing:
+        raise DraftConfigError(f"draft checkpoint {folder} is missing key(s): {', '.join(missing)}")
+    unexpected = [k for k in state_shapes if k not in shapes and k not in IGNORED_KEYS]
+    if unexpected:
+        raise DraftConfigError(f"draft checkpoint {folder} has unexpected key(s): {', '.join(unexpected)}")
+    for key, shape in shapes.items():
+        if tuple(state_shapes[key]) != shape:
+            raise DraftConfigError(
+                f"draft checkpoint key '{key}' has shape {tuple(state_shapes[key])}, expected {shape} from config.json"
+            )
+    return has_head
+
+
+def validate_checkpoint(
+    folder: str | Path, target_hidden_size: int | None = None, target_vocab_size: int | None = None
+) -> DraftConfig:
+    """load_draft's checks (config, keys, shapes, target sizes) from the headers alone, without loading weights."""
+    folder = Path(folder)
+    cfg = DraftConfig.from_file(folder)
+    _check_config_against_target(cfg, target_hidden_size, target_vocab_size)
+    _check_keys_and_shapes(folder, cfg, read_shapes(folder))
+    return cfg
+
+
 def load_draft(
     folder: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -73,33 +133,11 @@ def load_draft(
     """Load and validate a draft checkpoint; every mismatch raises DraftConfigError naming the key or field."""
     folder = Path(folder)
     cfg = DraftConfig.from_file(folder)
-    if target_hidden_size is not None and cfg.target_hidden_size != target_hidden_size:
-        raise DraftConfigError(
-            f"draft 'target_hidden_size' is {cfg.target_hidden_size} but the target's hidden size is {target_hidden_size}"
-        )
-    if target_vocab_size is not None and cfg.vocab_size != target_vocab_size:
-        raise DraftConfigError(f"draft 'vocab_size' is {cfg.vocab_size} but the target's vocabulary is {target_vocab_size}")
+    _check_config_against_target(cfg, target_hidden_size, target_vocab_size)
     state = read_state_dict(folder)
     for key in IGNORED_KEYS:
         state.pop(key, None)
-    has_head = "lm_head.weight" in state
-    shapes = expected_shapes(cfg, with_lm_head=has_head)
-    if has_head and cfg.effective_draft_vocab_size == cfg.vocab_size:
-        # Full-vocabulary head: the maps are optional (identity).
-        for key in ("d2t", "t2d"):
-            if key not in state:
-                shapes.pop(key)
-    missing = [k for k in shapes if k not in state]
-    if missing:
-        raise DraftConfigError(f"draft checkpoint {folder} is missing key(s): {', '.join(missing)}")
-    unexpected = [k for k in state if k not in shapes]
-    if unexpected:
-        raise DraftConfigError(f"draft checkpoint {folder} has unexpected key(s): {', '.join(unexpected)}")
-    for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
-            raise DraftConfigError(
-                f"draft checkpoint key '{key}' has shape {tuple(state[key].shape)}, expected {shape} from config.json"
-            )
+    has_head = _check_keys_and_shapes(folder, cfg, {k: tuple(v.shape) for k, v in state.items()})
     model = Eagle3DraftModel(cfg)
     if not has_head:
         model.lm_head = None
