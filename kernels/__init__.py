@@ -2,8 +2,11 @@
 stores, norms, RoPE, activations and the EAGLE tree ops. Imports nothing else from the project."""
 
 from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.extend_attention import extend_attention, extend_attention_ref
 
 __all__ = [
     "decode_attention",
     "decode_attention_ref",
+    "extend_attention",
+    "extend_attention_ref",
 ]

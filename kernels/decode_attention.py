@@ -133,15 +133,53 @@ def _decode_attention_stage1_kernel(
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+                q,
+                k_buffer_ptr,
+                v_buffer_ptr,
+                req_to_token_ptr,
+                req_row,
+                stride_req,
+                stride_kn,
+                stride_kh,
+                stride_vn,
+                stride_vh,
+                kv_head,
+                n0,
+                end,
+                m_i,
+                l_i,
+                acc,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_D,
+                INTERPRET,
             )
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+                q,
+                k_buffer_ptr,
+                v_buffer_ptr,
+                req_to_token_ptr,
+                req_row,
+                stride_req,
+                stride_kn,
+                stride_kh,
+                stride_vn,
+                stride_vh,
+                kv_head,
+                n0,
+                end,
+                m_i,
+                l_i,
+                acc,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_N,
+                BLOCK_D,
+                INTERPRET,
             )
 
     has_keys = l_i > 0.0
@@ -217,7 +255,12 @@ def decode_attention(
     num_kv_heads = k_buffer.shape[1]
     check_tensor("k_buffer", k_buffer, shape=(None, num_kv_heads, head_dim))
     check_tensor(
-        "v_buffer", v_buffer, ndim=3, dtypes=(q.dtype,), shape=tuple(k_buffer.shape), device=q.device,
+        "v_buffer",
+        v_buffer,
+        ndim=3,
+        dtypes=(q.dtype,),
+        shape=tuple(k_buffer.shape),
+        device=q.device,
         last_dim_contiguous=True,
     )
     if num_q_heads % num_kv_heads != 0:
@@ -324,4 +367,3 @@ def decode_attention_ref(
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale  # [Hq, L]
         out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v)
     return out.to(q.dtype)
-

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from kernels.extend_attention import extend_attention, extend_attention_ref
+from tests.kernels.paged import TOLERANCES, make_paged_cache
+
+
+def _packed_inputs(prefix, extend, num_kv_heads, group, head_dim, dtype, seed=0):
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(prefix, num_kv_heads, head_dim, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    num_tokens = sum(extend)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    extend_lens = torch.tensor(extend, dtype=torch.int32)
+    extend_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        k_buffer=k_buffer,
+        v_buffer=v_buffer,
+        req_to_token=req_to_token,
+        req_pool_indices=req_pool_indices,
+        prefix_lens=torch.tensor(prefix, dtype=torch.int64),
+        extend_lens=extend_lens,
+        extend_start_loc=extend_start_loc.to(torch.int32),
+        max_extend_len=max(extend),
+        sm_scale=head_dim**-0.5,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_extend_attention_causal_matches_reference(dtype, group, head_dim):
+    """Prefill (no prefix), chunked prefill (prefix + chunk) and a single new token, in one packed batch."""
+    args = _packed_inputs([0, 37, 5, 123], [7, 23, 1, 9], 2, group, head_dim, dtype)
+    out = extend_attention(**args)
+    ref = extend_attention_ref(**args)
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+
+
+def _tree_mask(batch, num_nodes, gen):
+    """Random trees: node i's parent is a random earlier node; node i sees itself and its ancestors."""
+    mask = torch.zeros(batch, num_nodes, num_nodes, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(num_nodes):
+            mask[b, i, i] = True
+            if i > 0:
+                parent = int(torch.randint(0, i, (1,), generator=gen))
+                mask[b, i] |= mask[b, parent]
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_extend_attention_tree_mask_matches_reference(dtype, group, head_dim):
+    num_nodes = 11
+    prefix = [1, 37, 18]
+    args = _packed_inputs(prefix, [num_nodes] * 3, 1, group, head_dim, dtype, seed=5)
+    mask = _tree_mask(3, num_nodes, torch.Generator().manual_seed(2))
+    out = extend_attention(**args, custom_mask=mask)
+    ref = extend_attention_ref(**args, custom_mask=mask)
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+    causal = extend_attention_ref(**args)
+    assert (ref.float() - causal.float()).abs().max() > 0.05  # the tree mask is not the causal mask
+
+
+def test_extend_attention_padded_mask_and_short_requests():
+    """extend_lens below max_extend_len (the mask is padded to E x E) and an out= buffer."""
+    args = _packed_inputs([4, 0, 30], [3, 9, 1], 2, 4, 64, torch.float32, seed=9)
+    mask = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask |= torch.eye(9, dtype=torch.bool)
+    out = torch.full_like(args["q"], float("nan"))
+    res = extend_attention(**args, custom_mask=mask, out=out)
+    assert res is out
+    torch.testing.assert_close(out, extend_attention_ref(**args, custom_mask=mask), **TOLERANCES[torch.float32])
+
+
+def test_extend_attention_rejects_bad_arguments():
+    args = _packed_inputs([4, 4], [3, 3], 2, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="custom_mask"):
+        extend_attention(**args, custom_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="custom_mask"):
+        extend_attention(**args, custom_mask=torch.ones(2, 3, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="extend_lens"):
+        extend_attention(**{**args, "extend_lens": args["extend_lens"][:1]})
+    with pytest.raises(ValueError, match="max_extend_len"):
+        extend_attention(**{**args, "max_extend_len": 3.0})
+    with pytest.raises(ValueError, match="^k has"):
+        extend_attention(**{**args, "k": args["k"][:5]})
