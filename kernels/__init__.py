@@ -3,10 +3,13 @@ stores, norms, RoPE, activations and the EAGLE tree ops. Imports nothing else fr
 
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.extend_attention import extend_attention, extend_attention_ref
+from kernels.kv_store import store_kv, store_kv_ref
 
 __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "extend_attention",
     "extend_attention_ref",
+    "store_kv",
+    "store_kv_ref",
 ]
