@@ -1,0 +1,3 @@
+from serving.attention.base import AttentionBackend, create_backend
+
+__all__ = ["AttentionBackend", "create_backend"]

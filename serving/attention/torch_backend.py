@@ -1,0 +1,69 @@
+"""Reference attention backend in plain torch: gathers each request's K/V through req_to_token and runs SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serving.attention.base import AttentionBackend
+from serving.forward_batch import ForwardBatch
+
+
+class TorchAttentionBackend(AttentionBackend):
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        md = fb.attn_metadata
+        max_len = fb.max_seq_len
+        slots = self.req_to_token[fb.req_pool_indices, :max_len].long()  # [B, L]
+        md["slots"] = slots
+        md["valid"] = torch.arange(max_len, device=slots.device)[None, :] < fb.seq_lens[:, None]  # [B, L]
+        if not fb.mode.is_decode:
+            masks = []
+            for b in range(fb.batch_size):
+                prefix, ext = fb.extend_prefix_lens_cpu[b], fb.extend_seq_lens_cpu[b]
+                total = prefix + ext
+                if fb.custom_mask is not None:
+                    tree = fb.custom_mask[b, :ext, :ext]
+                    mask = torch.cat([torch.ones(ext, prefix, dtype=torch.bool, device=tree.device), tree], dim=1)
+                else:
+                    mask = torch.ones(ext, total, dtype=torch.bool, device=slots.device).tril(prefix)
+                masks.append(mask)  # [E, prefix+E]
+            md["masks"] = masks
+
+    def _store(self, k, v, layer_id, fb):
+        self.k_cache[layer_id, fb.out_cache_loc] = k
+        self.v_cache[layer_id, fb.out_cache_loc] = v
+
+    def forward_decode(self, q, k, v, layer_id, fb):
+        self._store(k, v, layer_id, fb)
+        md = fb.attn_metadata
+        keys = self.k_cache[layer_id, md["slots"]]  # [B, L, Hkv, D]
+        vals = self.v_cache[layer_id, md["slots"]]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, Hq, 1, D]
+            keys.transpose(1, 2),  # [B, Hkv, L, D]
+            vals.transpose(1, 2),
+            attn_mask=md["valid"][:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)
+
+    def forward_extend(self, q, k, v, layer_id, fb):
+        self._store(k, v, layer_id, fb)
+        md = fb.attn_metadata
+        out = torch.empty_like(q)
+        start = 0
+        for b in range(fb.batch_size):
+            ext = fb.extend_seq_lens_cpu[b]
+            total = fb.extend_prefix_lens_cpu[b] + ext
+            idx = md["slots"][b, :total]
+            keys = self.k_cache[layer_id, idx].transpose(0, 1)  # [Hkv, T, D]
+            vals = self.v_cache[layer_id, idx].transpose(0, 1)
+            qb = q[start : start + ext].transpose(0, 1)  # [Hq, E, D]
+            o = F.scaled_dot_product_attention(
+                qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0),
+                attn_mask=md["masks"][b][None, None], scale=self.scale, enable_gqa=True,
+            )
+            out[start : start + ext] = o[0].transpose(0, 1)
+            start += ext
+        return out

@@ -1,0 +1,116 @@
+"""Owns the target model, its KV pool, the request-to-token table and the attention backend; turns lists of
+requests into ForwardBatches and runs them."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from serving.attention import create_backend
+from serving.config import EngineConfig
+from serving.forward_batch import ForwardBatch, ForwardMode
+from serving.memory import KVPool, ReqToTokenPool, SlotAllocator
+from serving.models.loader import LoadedTarget
+from serving.request import Req
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, target: LoadedTarget, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.model = target.model
+        mc = self.model.config
+        self.model_config = mc
+        self.dtype = self.model.embed_tokens.weight.dtype
+        self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_slots = self._kv_slots(mc)
+        # A single request must always fit: the context never exceeds the pool.
+        self.context_length = min(self.context_length, num_slots - 2)
+        self.kv = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, device)
+        self.allocator = SlotAllocator(num_slots)
+        self.req_to_token = ReqToTokenPool(cfg.max_running_requests * 2 + 8, self.context_length + 64, device)
+        self.backend = create_backend(cfg.attention_backend, self.kv.k, self.kv.v, self.req_to_token.table,
+                                      mc.head_dim**-0.5)
+        self.model.attn_backend = self.backend
+        self.graph_runner = None
+        logger.info("KV pool: %d slots (%s), context %d", num_slots - 1, self.dtype, self.context_length)
+
+    def _kv_slots(self, mc) -> int:
+        if self.cfg.max_total_tokens:
+            return self.cfg.max_total_tokens + 1
+        per_slot = KVPool.bytes_per_slot(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.cfg.mem_fraction_static
+        else:
+            budget = self.cfg.kv_cache_memory_gb * 2**30
+        return max(int(budget // per_slot), self.context_length + 16) + 1
+
+    # --- batch construction -------------------------------------------------------------------------------------
+
+    def _tensor(self, values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def build_extend(self, reqs: list[Req], new_slots: list[torch.Tensor], mode=ForwardMode.EXTEND,
+                     tokens: list[list[int]] | None = None, capture_aux=False) -> ForwardBatch:
+        """Each req extends from its kv_len by len(new_slots[i]) tokens (taken from all_ids unless given)."""
+        ids, pos, prefix, ext = [], [], [], []
+        for i, (req, slots) in enumerate(zip(reqs, new_slots)):
+            start, n = req.kv_len, slots.numel()
+            toks = tokens[i] if tokens is not None else req.all_ids[start : start + n]
+            ids.extend(toks)
+            pos.extend(range(start, start + n))
+            prefix.append(start)
+            ext.append(n)
+            self.req_to_token.write(req.row, start, slots)
+        loc = torch.cat(new_slots).to(self.device, non_blocking=True)
+        seq = [p + e for p, e in zip(prefix, ext)]
+        starts = [0]
+        for e in ext[:-1]:
+            starts.append(starts[-1] + e)
+        return ForwardBatch(
+            mode=mode,
+            input_ids=self._tensor(ids),
+            positions=self._tensor(pos),
+            out_cache_loc=loc,
+            req_pool_indices=self._tensor([r.row for r in reqs]),
+            seq_lens=self._tensor(seq),
+            extend_prefix_lens=self._tensor(prefix),
+            extend_seq_lens=self._tensor(ext),
+            extend_start_loc=self._tensor(starts),
+            extend_seq_lens_cpu=ext,
+            extend_prefix_lens_cpu=prefix,
+            max_extend_len=max(ext),
+            seq_lens_cpu=seq,
+            max_seq_len=max(seq),
+            capture_aux=capture_aux,
+        )
+
+    def build_decode(self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False) -> ForwardBatch:
+        rows = [r.row for r in reqs]
+        pos = [r.kv_len for r in reqs]
+        rows_t, pos_t = self._tensor(rows), self._tensor(pos)
+        loc = new_slots.to(self.device, non_blocking=True)
+        self.req_to_token.table[rows_t, pos_t] = loc.to(torch.int32)
+        seq = [p + 1 for p in pos]
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self._tensor([r.all_ids[-1] for r in reqs]),
+            positions=pos_t,
+            out_cache_loc=loc,
+            req_pool_indices=rows_t,
+            seq_lens=pos_t + 1,
+            seq_lens_cpu=seq,
+            max_seq_len=max(seq),
+            capture_aux=capture_aux,
+        )
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if fb.mode.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return self.graph_runner.replay(fb)
+        self.backend.init_forward_metadata(fb)
+        return self.model(fb)
