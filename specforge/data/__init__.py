@@ -1,0 +1,1 @@
+"""Training data: dataset formats, chat templates and loss masks, tokenized datasets."""

@@ -1,0 +1,271 @@
+"""Chat-template rendering and the assistant loss mask.
+
+The conversation is rendered with the tokenizer's own chat template (or one given by name or as Jinja text), so the
+training text is byte-for-byte what the target sees when it serves. The loss mask is found on the rendered text and
+mapped to tokens through the fast tokenizer's offsets:
+
+* the assistant header is what the template appends for ``add_generation_prompt=True``: it is prompt, never
+  generated, so it is masked out (with ``enable_thinking=False``, Qwen3's empty ``<think>\\n\\n</think>\\n\\n``
+  block is part of that header);
+* the end-of-turn marker is what the template writes right after an assistant message's content (``<|eot_id|>``,
+  ``<|im_end|>``): the model generates it to stop, so it is masked in, while the newline after it is not;
+* everything between the two, a ``<think>...</think>`` block included, is assistant output.
+
+The same semantics as SpecForge's header/end-of-turn spans, with both markers read off the template instead of a
+hand-kept registry. Templates that rewrite assistant content (Llama 3 trims it, Qwen3 drops reasoning from earlier
+turns) are handled because spans are found on the rendered text, not on the input strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Built-in templates, by name, in the exact formats of the model families (tools and multimodal parts left out).
+# A name replaces the tokenizer's own template; None keeps the tokenizer's.
+LLAMA3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.index0 == 0 %}{{- bos_token }}{%- endif %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# Qwen2 / Qwen2.5: ChatML with a default system prompt.
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Plain ChatML, no default system prompt.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen3: ChatML; reasoning is kept only for assistant turns after the last user query, the last assistant turn always
+# carries a <think> block, and enable_thinking=False pre-fills an empty one in the generation prompt.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(found=false, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- if not ns.found and message['role'] == 'user' %}"
+    "{%- set ns.found = true %}{%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+CHAT_TEMPLATES = {
+    "llama3": LLAMA3_TEMPLATE,
+    "qwen": QWEN2_TEMPLATE,
+    "qwen2": QWEN2_TEMPLATE,
+    "chatml": CHATML_TEMPLATE,
+    "qwen3": QWEN3_TEMPLATE,
+}
+
+_PROBE_USER = "specforge-probe-user-7c1e"
+_PROBE_ASSISTANT = "specforge-probe-assistant-9b4d"
+
+
+def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
+    """None -> the tokenizer's own template; a name in CHAT_TEMPLATES -> that template; anything else is Jinja text."""
+    if chat_template is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):
+            own = own.get("default")
+        if not own:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; pass chat_template= "
+                f"as one of {sorted(CHAT_TEMPLATES)} or as Jinja text"
+            )
+        return own
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    raise ValueError(f"unknown chat template {chat_template!r}: use one of {sorted(CHAT_TEMPLATES)} or Jinja text")
+
+
+@dataclass(frozen=True)
+class TemplateMarkers:
+    # Candidate assistant headers, preferred first; later ones are shorter prefixes of the first (Qwen3 drops the
+    # pre-filled empty think block from earlier turns).
+    headers: tuple[str, ...]
+    # End-of-turn text written right after assistant content, masked in; "" if the template writes none.
+    end_of_turn: str
+
+
+_MARKERS_CACHE: dict[tuple, TemplateMarkers] = {}
+
+
+def _render(tokenizer, messages, template: str, add_generation_prompt: bool, enable_thinking: bool | None) -> str:
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
+
+
+def _generation_header(tokenizer, template: str, enable_thinking: bool | None) -> str:
+    user = [{"role": "user", "content": _PROBE_USER}]
+    with_prompt = _render(tokenizer, user, template, True, enable_thinking)
+    without = _render(tokenizer, user, template, False, enable_thinking)
+    if not with_prompt.startswith(without) or len(with_prompt) == len(without):
+        raise ValueError(
+            "chat template has no usable generation prompt: rendering with add_generation_prompt=True must append "
+            f"the assistant header to the plain rendering (got {without[-40:]!r} -> {with_prompt[-60:]!r})"
+        )
+    return with_prompt[len(without) :]
+
+
+def template_markers(tokenizer, template: str, enable_thinking: bool | None = None) -> TemplateMarkers:
+    """Read the assistant header and end-of-turn marker off `template` by rendering probe conversations."""
+    key = (template, enable_thinking, tokenizer.bos_token, tokenizer.eos_token)
+    cached = _MARKERS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    header = _generation_header(tokenizer, template, enable_thinking)
+    headers = [header]
+    for alt_thinking in (None, True):
+        if alt_thinking == enable_thinking:
+            continue
+        alt = _generation_header(tokenizer, template, alt_thinking)
+        if alt != header and header.startswith(alt) and alt not in headers:
+            headers.append(alt)
+    pair = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
+    rendered = _render(tokenizer, pair, template, False, enable_thinking)
+    at = rendered.rfind(_PROBE_ASSISTANT)
+    if at < 0:
+        raise ValueError("chat template does not render assistant message content verbatim")
+    after = rendered[at + len(_PROBE_ASSISTANT) :].strip()
+    end_of_turn = after.split("\n", 1)[0].strip()
+    markers = TemplateMarkers(headers=tuple(headers), end_of_turn=end_of_turn)
+    _MARKERS_CACHE[key] = markers
+    return markers
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int] | None:
+    for candidate in (content, content.strip(), content.split("</think>")[-1].strip()):
+        if candidate:
+            at = text.find(candidate, start)
+            if at >= 0:
+                return at, at + len(candidate)
+    return None
+
+
+def assistant_spans(text: str, messages: list[dict], markers: TemplateMarkers) -> list[tuple[int, int]]:
+    """Character spans [start, end) of assistant output (content + end-of-turn) in the rendered `text`."""
+    spans = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        if msg["role"] != "assistant":
+            # Moving past user text keeps a header quoted inside a user message from being taken for a real one.
+            found = _find_content(text, content, cursor)
+            if found is not None:
+                cursor = found[1]
+            continue
+        best_at, best_header = -1, ""
+        for header in markers.headers:
+            at = text.find(header, cursor)
+            if at >= 0 and (best_at < 0 or at < best_at or (at == best_at and len(header) > len(best_header))):
+                best_at, best_header = at, header
+        if best_at < 0:
+            raise ValueError(
+                f"assistant message {i}: header {markers.headers[0]!r} not found in the rendered conversation"
+            )
+        start = best_at + len(best_header)
+        end = text.find(markers.end_of_turn, start) if markers.end_of_turn else -1
+        if end >= 0:
+            end += len(markers.end_of_turn)
+        else:
+            found = _find_content(text, content, start)
+            end = found[1] if found is not None else len(text)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _token_bounds_slow(tokenizer, text: str, positions: list[int]) -> list[int]:
+    # Without offsets: the token index of a character position is the length of the encoded prefix.
+    return [len(tokenizer(text[:p], add_special_tokens=False)["input_ids"]) for p in positions]
+
+
+def tokenize_conversation(
+    tokenizer,
+    messages: list[dict],
+    max_length: int,
+    chat_template: str | None = None,
+    enable_thinking: bool | None = None,
+) -> dict:
+    """Render and tokenize one conversation; returns {"input_ids": list[int], "loss_mask": list[int]}.
+
+    loss_mask is 1 on the tokens the assistant generates (content, reasoning, end-of-turn token) and 0 on system/user
+    turns and template scaffolding. Both lists are truncated to the first `max_length` tokens.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: role must be system, user or assistant, got {msg!r:.80}")
+        if not isinstance(msg.get("content"), str):
+            raise ValueError(f"message {i}: content must be a string")
+    template = resolve_chat_template(tokenizer, chat_template)
+    markers = template_markers(tokenizer, template, enable_thinking)
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = _render(tokenizer, clean, template, False, enable_thinking)
+    spans = assistant_spans(text, clean, markers)
+
+    if tokenizer.is_fast:
+        enc = tokenizer(
+            text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
+        )
+        input_ids = list(enc["input_ids"])
+        loss_mask = [0] * len(input_ids)
+        # Tokens and spans are both sorted by position: one sweep. A token counts if it overlaps a span.
+        s = 0
+        for t, (tok_start, tok_end) in enumerate(enc["offset_mapping"]):
+            while s < len(spans) and spans[s][1] <= tok_start:
+                s += 1
+            if s == len(spans):
+                break
+            if tok_end > spans[s][0] and tok_end > tok_start:
+                loss_mask[t] = 1
+    else:
+        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)
+        input_ids = list(enc["input_ids"])
+        loss_mask = [0] * len(input_ids)
+        bounds = _token_bounds_slow(tokenizer, text, [p for span in spans for p in span])
+        for start, end in zip(bounds[0::2], bounds[1::2]):
+            for t in range(start, min(end, len(input_ids))):
+                loss_mask[t] = 1
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
