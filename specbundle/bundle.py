@@ -253,7 +253,11 @@ def check_hashes(folder: str | Path, meta: BundleMetadata, skip: tuple[str, ...]
             raise BundleError(f"bundle file '{name}' listed in {METADATA_NAME} is missing from {folder}")
         size = path.stat().st_size
         if "size" in entry and size != entry["size"]:
-            raise BundleError(f"bundle file '{name}' has {size} bytes, {METADATA_NAME} records {entry['size']}")
+            # A size mismatch settles the hash check without reading the file.
+            raise BundleError(
+                f"bundle file '{name}' fails its sha256 check: it has {size} bytes, {METADATA_NAME} records "
+                f"{entry['size']}"
+            )
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise BundleError(

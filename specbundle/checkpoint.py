@@ -83,10 +83,13 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 def _check_config_against_target(cfg: DraftConfig, target_hidden_size: int | None, target_vocab_size: int | None):
     if target_hidden_size is not None and cfg.target_hidden_size != target_hidden_size:
         raise DraftConfigError(
-            f"draft 'target_hidden_size' is {cfg.target_hidden_size} but the target's hidden size is {target_hidden_size}"
+            f"draft 'target_hidden_size' is {cfg.target_hidden_size} "
+            f"but the target's hidden size is {target_hidden_size}"
         )
     if target_vocab_size is not None and cfg.vocab_size != target_vocab_size:
-        raise DraftConfigError(f"draft 'vocab_size' is {cfg.vocab_size} but the target's vocabulary is {target_vocab_size}")
+        raise DraftConfigError(
+            f"draft 'vocab_size' is {cfg.vocab_size} but the target's vocabulary is {target_vocab_size}"
+        )
 
 
 def _check_keys_and_shapes(folder: Path, cfg: DraftConfig, state_shapes: dict[str, tuple[int, ...]]) -> bool:

@@ -221,6 +221,7 @@ def push_bundle(
     Returns huggingface_hub's CommitInfo (`.oid` is the new commit).
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     if not is_hub_id(repo_id):
@@ -245,15 +246,18 @@ def push_bundle(
         meta.save(staging)
         verify_bundle(staging, require_metadata=True)
         api = HfApi(endpoint=endpoint, token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        return api.upload_folder(
-            folder_path=staging,
-            repo_id=repo_id,
-            repo_type="model",
-            revision=revision,
-            allow_patterns=[METADATA_NAME, *meta.files],
-            delete_patterns=STALE_WEIGHT_PATTERNS,
-            commit_message=commit_message or f"Upload EAGLE-3 bundle for {meta.target_id}",
-        )
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            return api.upload_folder(
+                folder_path=staging,
+                repo_id=repo_id,
+                repo_type="model",
+                revision=revision,
+                allow_patterns=[METADATA_NAME, *meta.files],
+                delete_patterns=STALE_WEIGHT_PATTERNS,
+                commit_message=commit_message or f"Upload EAGLE-3 bundle for {meta.target_id}",
+            )
+        except HfHubHTTPError as e:
+            raise BundleError(f"cannot push to '{repo_id}': {e}") from e
