@@ -1,0 +1,1 @@
+"""EAGLE-3 draft training: data, target capture, training-time test, trainer and CLI (`specforge`)."""
