@@ -216,8 +216,9 @@ class Engine:
         req.row = row
         tokens = req.all_ids[: req.seq_len - 1]  # the last token is always computed (its logits are needed)
         slots, node = self.tree_cache.match_prefix(tokens)
-        if self.spec_worker is not None:
-            slots, node = self.spec_worker.trim_prefix(slots, node, self.tree_cache)
+        if self.spec_worker is not None and slots.numel():
+            # The last matched position's draft KV was made with a next token this request may not share.
+            slots, node = self.tree_cache.match_prefix(tokens[: slots.numel() - 1])
         self.tree_cache.inc_lock(node)
         req.prefix_node = node
         req.slots = slots.clone()
@@ -288,7 +289,7 @@ class Engine:
         self._finish(req, "abort", error="the request does not fit in the KV cache")
 
     def _decode_slots_per_req(self) -> int:
-        if self.spec_worker is not None:
+        if self.spec_worker is not None and self.spec_worker.should_speculate(len(self.running)):
             return self.spec_worker.slots_per_step
         return 1
 
@@ -305,7 +306,7 @@ class Engine:
             slots = self._alloc(need)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one decode step of a single request")
-        if self.spec_worker is not None and self.spec_worker.should_speculate(len(self.running)):
+        if per_req > 1:
             self.spec_worker.decode_step(self.running, slots)
             return
         self.allocator.free(slots[len(self.running):])

@@ -121,7 +121,7 @@ class LlamaForCausalLM(nn.Module):
         """Returns (final normed hidden [N, H], aux hidden [N, 3*H] or None)."""
         h = self.embed_tokens(fb.input_ids)  # [N, H]
         positions = fb.positions
-        aux = []
+        aux = {}
         capture = set(self.aux_layer_ids) if fb.capture_aux else ()
         residual = None
         for i, layer in enumerate(self.layers):
@@ -134,9 +134,11 @@ class LlamaForCausalLM(nn.Module):
             residual = residual + x
             h = layer.mlp(layer.post_attention_layernorm(residual))
             if i in capture:
-                aux.append(residual + h)  # output of layer i
+                aux[i] = residual + h  # output of layer i
         hidden = self.norm(residual + h)
-        return hidden, (torch.cat(aux, dim=-1) if aux else None)
+        if not aux:
+            return hidden, None
+        return hidden, torch.cat([aux[i] for i in self.aux_layer_ids], dim=-1)  # [N, 3*H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

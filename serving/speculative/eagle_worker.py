@@ -1,0 +1,348 @@
+"""EAGLE-3 tree speculative decoding inside the engine.
+
+Per decode iteration, for B decode-ready requests (seq: L tokens with KV, the last sampled token t_L pending):
+  1. draft: grow a tree from the draft's last hidden state (num_steps deep, topk children per node, cumulative
+     probability scores) and keep the best num_draft_tokens - 1 nodes; node 0 is t_L;
+  2. verify: one target forward over the N nodes at positions L + depth under the tree mask;
+  3. accept: the longest path the target agrees with (greedy) or tree rejection sampling (exact target
+     distribution), plus one bonus token; rejected nodes' KV slots are freed;
+  4. draft extend: the draft consumes the accepted positions with the target's aux hidden states.
+The draft's KV pool is indexed by the same slots (and req_to_token rows) as the target's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kernels import speculative as tree_ops
+from serving.attention import create_backend
+from serving.forward_batch import ForwardMode
+from serving.memory import KVPool
+from serving.request import Req
+from serving.sampling import processed_probs
+from serving.speculative.tree import max_draft_tokens, organize, select_top_k
+from specbundle.checkpoint import load_draft
+
+logger = logging.getLogger(__name__)
+
+# Tuned defaults when neither flags nor bundle metadata say otherwise: (num_steps, topk, num_draft_tokens).
+DEFAULT_CPU = (3, 1, 4)
+DEFAULT_GPU = (5, 4, 16)
+
+
+class EagleWorker:
+    def __init__(self, engine):
+        self.engine = engine
+        cfg = engine.cfg
+        runner = engine.runner
+        self.runner = runner
+        self.device = runner.device
+        target = engine.target
+        self.draft_path, meta = self._resolve(target, cfg)
+        mc = runner.model_config
+        self.draft = load_draft(self.draft_path, dtype=runner.dtype, device=self.device,
+                                target_hidden_size=mc.hidden_size, target_vocab_size=mc.vocab_size)
+        self.draft.requires_grad_(False)
+        self.draft.rotary.cos_sin = self.draft.rotary.cos_sin.float()
+        dc = self.draft.config
+        runner.model.aux_layer_ids = dc.resolved_aux_layer_ids(mc.num_layers)
+        steps, topk, ntok = self._spec_config(cfg, meta)
+        if ntok > max_draft_tokens(steps, topk):
+            raise ValueError(f"--speculative-num-draft-tokens {ntok} exceeds what {steps} steps of topk {topk} "
+                             f"can propose ({max_draft_tokens(steps, topk)})")
+        if topk == 1:
+            ntok = min(ntok, steps + 1)
+        self.num_steps, self.topk, self.num_draft_tokens = steps, topk, ntok
+        self.draft_kv = KVPool(1, runner.kv.num_slots, dc.num_key_value_heads, dc.head_dim, runner.dtype, self.device)
+        self.draft_backend = create_backend("torch" if self.device.type == "cpu" else cfg.attention_backend,
+                                            self.draft_kv.k, self.draft_kv.v, runner.req_to_token.table,
+                                            dc.head_dim**-0.5)
+        on_gpu = self.device.type == "cuda"
+        self._build_tree = tree_ops.build_tree if on_gpu else tree_ops.build_tree_ref
+        self._verify_greedy = tree_ops.verify_tree_greedy if on_gpu else tree_ops.verify_tree_greedy_ref
+        self._verify_sampling = tree_ops.tree_speculative_sampling if on_gpu else tree_ops.tree_speculative_sampling_ref
+        self.max_batch = cfg.speculative_max_batch_size
+        logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
+
+    def _resolve(self, target, cfg):
+        from specbundle.bundle import BundleError, BundleMetadata, verify_bundle
+        from specbundle.resolve import resolve_draft
+
+        draft = cfg.speculative_draft_model_path
+        if draft is not None and Path(draft).is_dir():
+            path = Path(draft)
+            verify_bundle(path)  # hashes when it carries bundle metadata; sizes are checked against the target below
+        else:
+            source = cfg.model if cfg.model is not None else target.target_id
+            path = resolve_draft(str(source), draft)
+        try:
+            meta = BundleMetadata.from_file(path)
+        except BundleError:
+            meta = None  # a bare SpecForge/SGLang checkpoint folder has no bundle metadata
+        return path, meta
+
+    def _spec_config(self, cfg, meta):
+        if meta is not None:
+            default = (meta.speculative.num_steps, meta.speculative.eagle_topk, meta.speculative.num_draft_tokens)
+        else:
+            default = DEFAULT_GPU if self.device.type == "cuda" else DEFAULT_CPU
+        steps = cfg.speculative_num_steps or default[0]
+        topk = cfg.speculative_eagle_topk or default[1]
+        ntok = cfg.speculative_num_draft_tokens or (steps + 1 if topk == 1 else default[2])
+        return steps, topk, ntok
+
+    def describe(self) -> str:
+        return f"num_steps={self.num_steps} topk={self.topk} num_draft_tokens={self.num_draft_tokens}"
+
+    # --- engine hooks -------------------------------------------------------------------------------------------
+
+    @property
+    def slots_per_step(self) -> int:
+        return self.num_draft_tokens
+
+    def should_speculate(self, batch_size: int) -> bool:
+        if batch_size > self.max_batch:
+            return False
+        limit = self.engine.context_length
+        return all(r.seq_len + self.num_draft_tokens <= limit for r in self.engine.running)
+
+    def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
+        """Only positions whose draft KV was computed may enter the prefix cache."""
+        return kv_tokens[: min(len(kv_tokens), req.draft_state.get("draft_len", 0))]
+
+    def on_release(self, req: Req) -> None:
+        req.draft_state = {}
+
+    # --- draft forward helpers ----------------------------------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.runner.model.embed_tokens(ids)
+
+    def _draft_topk(self, prenorm: torch.Tensor):
+        """prenorm [M, H] -> (topk probs [M, topk], topk target ids [M, topk])."""
+        logits = self.draft.compute_logits(self.draft.norm(prenorm), self.runner.model.lm_head.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        p, idx = probs.topk(self.topk, dim=-1)
+        return p, self.draft.draft_to_target(idx)
+
+    def _draft_extend(self, reqs: list[Req], starts: list[int], tokens: list[list[int]], aux: torch.Tensor,
+                      slots: list[torch.Tensor]) -> None:
+        """Draft consumes positions starts[i] .. starts[i]+len(tokens[i])-1 with the target's aux states [M, 3H];
+        token lists are the *next* tokens. Stores each request's last prenorm hidden and its top-k."""
+        ids, pos, prefix, ext = [], [], [], []
+        for s, toks in zip(starts, tokens):
+            ids.extend(toks)
+            pos.extend(range(s, s + len(toks)))
+            prefix.append(s)
+            ext.append(len(toks))
+        dev = self.device
+        seq = [p + e for p, e in zip(prefix, ext)]
+        starts_loc = [0]
+        for e in ext[:-1]:
+            starts_loc.append(starts_loc[-1] + e)
+        from serving.forward_batch import ForwardBatch
+
+        fb = ForwardBatch(
+            mode=ForwardMode.DRAFT_EXTEND,
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(pos, device=dev),
+            out_cache_loc=torch.cat(slots).to(dev),
+            req_pool_indices=torch.tensor([r.row for r in reqs], device=dev),
+            seq_lens=torch.tensor(seq, device=dev),
+            extend_prefix_lens=torch.tensor(prefix, device=dev),
+            extend_seq_lens=torch.tensor(ext, device=dev),
+            extend_start_loc=torch.tensor(starts_loc, device=dev),
+            extend_seq_lens_cpu=ext,
+            extend_prefix_lens_cpu=prefix,
+            max_extend_len=max(ext),
+            seq_lens_cpu=seq,
+            max_seq_len=max(seq),
+        )
+        self.draft_backend.init_forward_metadata(fb)
+        _, prenorm = self.draft(self._embed(fb.input_ids), aux.to(self.runner.dtype), fb.positions,
+                                lambda q, k, v, ctx: self.draft_backend.forward(q, k, v, 0, ctx), fb)
+        last = torch.tensor([s + e - 1 for s, e in zip(starts_loc, ext)], device=dev)
+        hidden = prenorm[last]  # [B, H]
+        p, idx = self._draft_topk(hidden)
+        for i, req in enumerate(reqs):
+            st = req.draft_state
+            st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
+            st["draft_len"] = seq[i]
+
+    def after_prefill(self, fb, batch, new_slots, hidden, aux, done_reqs, tokens) -> None:
+        """Extend the draft over each prefilled chunk (the final chunk's last next-token is the sampled one)."""
+        sampled = {id(r): t for r, t in zip(done_reqs, tokens.tolist())} if tokens is not None else {}
+        starts, toks, slots, reqs = [], [], [], []
+        for req, s in zip(batch, new_slots):
+            n = s.numel()
+            start = req.kv_len - n
+            nxt = req.all_ids[start + 1 : start + n + 1]
+            if len(nxt) < n:
+                nxt = nxt + [sampled[id(req)]]
+            reqs.append(req)
+            starts.append(start)
+            toks.append(nxt)
+            slots.append(s)
+        self._draft_extend(reqs, starts, toks, aux, slots)
+
+    def after_plain_decode(self, fb, reqs, hidden, aux, tokens) -> None:
+        """Keep the draft's KV current while not speculating (large batches)."""
+        toks = [[t] for t in tokens.tolist()]
+        starts = [r.kv_len - 1 for r in reqs]
+        slots = [r.slots[-1:] for r in reqs]
+        self._draft_extend(reqs, starts, toks, aux, slots)
+
+    # --- one speculative iteration ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode_step(self, reqs: list[Req], slots: torch.Tensor) -> None:
+        eng, runner, dev = self.engine, self.runner, self.device
+        B, N, topk = len(reqs), self.num_draft_tokens, self.topk
+        reqs = list(reqs)
+        seq_lens = torch.tensor([r.kv_len for r in reqs], device=dev)
+        parent_list, selected, draft_tokens = self._grow_tree(reqs, seq_lens)
+        roots = torch.tensor([r.all_ids[-1] for r in reqs], device=dev)
+        candidates = torch.cat([roots[:, None], draft_tokens], dim=1)  # [B, N]
+        tree_mask, positions, r_index, r_next, r_sib = self._build_tree(
+            parent_list, selected, seq_lens, topk, self.num_steps, N)
+
+        # Target verify over all nodes.
+        node_slots = slots.view(B, N)
+        fb = runner.build_extend(reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY,
+                                 tokens=candidates.tolist(), capture_aux=True)
+        fb.positions = positions.flatten().to(dev)
+        fb.custom_mask = tree_mask
+        hidden, aux = runner.forward(fb)
+        logits = runner.model.compute_logits(hidden).view(B, N, -1)  # [B, N, V]
+
+        params = [r.params for r in reqs]
+        if all(p.greedy for p in params):
+            predicts, accept_index, accept_len = self._verify_greedy(
+                candidates, r_index, r_next, r_sib, logits.argmax(-1), self.num_steps + 1)
+        else:
+            predicts, accept_index, accept_len = self._sample_verify(reqs, logits, candidates, r_index, r_next, r_sib)
+
+        accept_index = accept_index.cpu()
+        accept_len = accept_len.cpu().tolist()
+        predicts = predicts.cpu()
+        new_tokens, ext_starts, ext_tokens, ext_slots, keep_rows = [], [], [], [], []
+        slots_cpu = node_slots.cpu()
+        for b, req in enumerate(reqs):
+            n_acc = accept_len[b]
+            path = accept_index[b, : n_acc + 1].long()  # flattened rows: root first
+            local = path - b * N
+            toks = predicts[path].tolist()  # committed after each path node: next accepted draft tokens + bonus
+            start = req.kv_len
+            kept = slots_cpu[b, local]
+            runner.req_to_token.write(req.row, start, kept)
+            req.slots = torch.cat([req.slots, kept])
+            mask = torch.ones(N, dtype=torch.bool)
+            mask[local] = False
+            eng.allocator.free(slots_cpu[b][mask])
+            new_tokens.append(toks)
+            ext_starts.append(start)
+            ext_tokens.append(toks)
+            ext_slots.append(kept)
+            keep_rows.append(path)
+            if req.spec is not None:
+                req.spec.num_verify_steps += 1
+                req.spec.num_draft_tokens += N - 1
+                req.spec.num_accepted_tokens += n_acc
+        if eng.metrics is not None:
+            eng.metrics.observe_spec_step(accept_len, N - 1, self.num_steps)
+        rows = torch.cat(keep_rows).to(dev)
+        self._draft_extend(reqs, ext_starts, ext_tokens, aux[rows], ext_slots)
+        eng._commit(reqs, new_tokens)
+
+    def _sample_verify(self, reqs, logits, candidates, r_index, r_next, r_sib):
+        B, N, V = logits.shape
+        probs = processed_probs(logits.view(B * N, V), [r.params for r in reqs for _ in range(N)]).view(B, N, V)
+        coins = torch.empty(B, N, device=logits.device)
+        final = torch.empty(B, device=logits.device)
+        for b, req in enumerate(reqs):
+            if req.params.seed is not None:
+                g = torch.Generator(device="cpu")
+                g.manual_seed((req.params.seed * 1_000_003 + len(req.output_ids)) & 0x7FFF_FFFF_FFFF_FFFF)
+                u = torch.rand(N + 1, generator=g).to(logits.device)
+            else:
+                u = torch.rand(N + 1, device=logits.device)
+            coins[b], final[b] = u[:N], u[N]
+        return self._verify_sampling(candidates, r_index, r_next, r_sib, None, probs.float().contiguous(), coins, final,
+                                     self.num_steps + 1)
+
+    def _grow_tree(self, reqs: list[Req], seq_lens: torch.Tensor):
+        """Draft steps with exact ancestor attention. Returns (parent_list, selected_index, draft_tokens)."""
+        dev, topk, B = self.device, self.topk, len(reqs)
+        topk_p = torch.stack([r.draft_state["topk_p"] for r in reqs])  # [B, topk]
+        topk_index = torch.stack([r.draft_state["topk_index"] for r in reqs])
+        hidden = torch.stack([r.draft_state["hidden"] for r in reqs])  # [B, H]
+        ctx = _TreeDraftAttention(self, reqs, seq_lens)
+        score_list, token_list, parents_list = [], [], []
+        scores = None
+        for step in range(self.num_steps):
+            input_ids, parent_rows, scores, info = select_top_k(step, topk_p, topk_index, hidden, scores, topk)
+            score_list.append(info[0])
+            token_list.append(info[1])
+            parents_list.append(info[2])
+            if step == self.num_steps - 1:
+                break
+            hidden = hidden[parent_rows]
+            ctx.begin_step(parent_rows)
+            positions = (seq_lens + step).repeat_interleave(topk)
+            _, hidden = self.draft(self._embed(input_ids), hidden, positions, ctx, None)
+            topk_p, topk_index = self._draft_topk(hidden)
+        return organize(score_list, token_list, parents_list, self.num_draft_tokens)
+
+
+class _TreeDraftAttention:
+    """attn_fn for draft tree steps: each node attends to its request's draft KV prefix, its ancestors and itself.
+
+    Tree K/V stay in local tensors (never in the pool): they are scratch for this iteration only."""
+
+    def __init__(self, worker: EagleWorker, reqs: list[Req], seq_lens: torch.Tensor):
+        self.topk = worker.topk
+        self.scale = worker.draft.config.head_dim**-0.5
+        kv = worker.draft_kv
+        max_len = int(seq_lens.max())
+        rows = torch.tensor([r.row for r in reqs], device=seq_lens.device)
+        slots = worker.runner.req_to_token.table[rows, :max_len].long()  # [B, L]
+        self.prefix_k = kv.k[0, slots]  # [B, L, Hkv, D]
+        self.prefix_v = kv.v[0, slots]
+        self.prefix_valid = torch.arange(max_len, device=slots.device)[None, :] < seq_lens[:, None]  # [B, L]
+        self.tree_k: list[torch.Tensor] = []  # per step [B, topk, Hkv, D]
+        self.tree_v: list[torch.Tensor] = []
+        self.ancestors: torch.Tensor | None = None  # [B, topk, steps_so_far] input index at each earlier step
+        self.batch = len(reqs)
+
+    def begin_step(self, parent_rows: torch.Tensor) -> None:
+        B, topk = self.batch, self.topk
+        if not self.tree_k:
+            self.ancestors = torch.zeros(B, topk, 0, dtype=torch.long, device=parent_rows.device)
+            return
+        parent_local = (parent_rows % topk).view(B, topk)  # which previous-step node each new node continues
+        prev = self.ancestors.gather(1, parent_local[:, :, None].expand(-1, -1, self.ancestors.shape[2]))
+        self.ancestors = torch.cat([prev, parent_local[:, :, None]], dim=2)
+
+    def __call__(self, q, k, v, _ctx):
+        B, topk = self.batch, self.topk
+        hq, d = q.shape[1], q.shape[2]
+        self.tree_k.append(k.view(B, topk, *k.shape[1:]))
+        self.tree_v.append(v.view(B, topk, *v.shape[1:]))
+        steps = len(self.tree_k)
+        keys = torch.cat([self.prefix_k] + self.tree_k, dim=1)  # [B, L + steps*topk, Hkv, D]
+        vals = torch.cat([self.prefix_v] + self.tree_v, dim=1)
+        tree_mask = torch.zeros(B, topk, steps * topk, dtype=torch.bool, device=q.device)
+        ar = torch.arange(topk, device=q.device)
+        for s in range(steps - 1):
+            idx = s * topk + self.ancestors[:, :, s]  # [B, topk]
+            tree_mask.scatter_(2, idx[:, :, None], True)
+        tree_mask[:, ar, (steps - 1) * topk + ar] = True
+        mask = torch.cat([self.prefix_valid[:, None, :].expand(-1, topk, -1), tree_mask], dim=2)  # [B, topk, T]
+        qh = q.view(B, topk, hq, d).transpose(1, 2)  # [B, Hq, topk, D]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qh, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale,
+            enable_gqa=True)
+        return out.transpose(1, 2).reshape(B * topk, hq, d)
