@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import datasets
+from jinja2.exceptions import TemplateError
 
 from .formats import RowError, validate_normalized
 from .template import resolve_chat_template, template_markers, tokenize_conversation
@@ -28,7 +29,8 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int, chat_template: str,
             ids, mask = tokens["input_ids"], tokens["loss_mask"]
             if not any(mask):
                 reason = "no assistant tokens within max_length"
-        except (RowError, ValueError) as e:
+        except (RowError, ValueError, TemplateError) as e:
+            # TemplateError: templates refuse some conversations themselves (raise_exception, e.g. no system role).
             reason = f"row {row_id!r}: {e}"
         out["input_ids"].append(ids)
         out["loss_mask"].append(mask)
@@ -57,7 +59,7 @@ def build_dataset(
         raise FileNotFoundError(f"training data {path} does not exist (make it with `specforge prepare-data`)")
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    template = resolve_chat_template(tokenizer, chat_template)
+    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
     # Fail here, once, on a template the mask cannot be derived from, not in every worker.
     template_markers(tokenizer, template, enable_thinking)
 
@@ -98,5 +100,7 @@ def build_dataset(
             f"; first: {others[0]}" if others else "",
         )
         keep = [i for i, r in enumerate(reasons) if not r]
+        if not keep:
+            raise ValueError(f"{path}: no usable rows ({dropped[0] if others else 'no assistant tokens'} ...)")
         tokenized = tokenized.select(keep)
     return tokenized.remove_columns("drop_reason")

@@ -18,10 +18,11 @@ turns) are handled because spans are found on the rendered text, not on the inpu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-# Built-in templates, by name, in the exact formats of the model families (tools and multimodal parts left out).
-# A name replaces the tokenizer's own template; None keeps the tokenizer's.
+# Built-in templates, by name, in the exact formats of the model families (tools and multimodal parts left out);
+# see resolve_chat_template for when a name renders with them.
 LLAMA3_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.index0 == 0 %}{{- bos_token }}{%- endif %}"
@@ -91,28 +92,60 @@ CHAT_TEMPLATES = {
     "qwen2": QWEN2_TEMPLATE,
     "chatml": CHATML_TEMPLATE,
     "qwen3": QWEN3_TEMPLATE,
+    "qwen3-thinking": QWEN3_TEMPLATE,
+    "qwen3-instruct": QWEN3_TEMPLATE,
 }
+# enable_thinking a name implies when the caller leaves it None (SpecForge's qwen3-thinking / qwen3-instruct).
+TEMPLATE_THINKING = {"qwen3-thinking": True, "qwen3-instruct": False}
 
 _PROBE_USER = "specforge-probe-user-7c1e"
 _PROBE_ASSISTANT = "specforge-probe-assistant-9b4d"
 
+logger = logging.getLogger(__name__)
 
-def resolve_chat_template(tokenizer, chat_template: str | None) -> str:
-    """None -> the tokenizer's own template; a name in CHAT_TEMPLATES -> that template; anything else is Jinja text."""
+
+def _own_template(tokenizer) -> str | None:
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):
+        own = own.get("default")
+    return own or None
+
+
+def resolve_chat_template(
+    tokenizer, chat_template: str | None, enable_thinking: bool | None = None
+) -> tuple[str, bool | None]:
+    """-> (Jinja template to render with, enable_thinking).
+
+    None: the tokenizer's own template. Jinja text: that template. A name (CHAT_TEMPLATES) works like SpecForge's
+    --chat-template: it names the family, and the tokenizer's own template still renders when it has one, because
+    that is what the server formats prompts with; the built-in template is used only for tokenizers without one. A
+    name can imply enable_thinking (TEMPLATE_THINKING) when the caller leaves it None.
+    """
+    own = _own_template(tokenizer)
     if chat_template is None:
-        own = getattr(tokenizer, "chat_template", None)
-        if isinstance(own, dict):
-            own = own.get("default")
-        if not own:
+        if own is None:
             raise ValueError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; pass chat_template= "
                 f"as one of {sorted(CHAT_TEMPLATES)} or as Jinja text"
             )
-        return own
+        return own, enable_thinking
     if chat_template in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[chat_template]
+        if enable_thinking is None:
+            enable_thinking = TEMPLATE_THINKING.get(chat_template)
+        if own is None:
+            return CHAT_TEMPLATES[chat_template], enable_thinking
+        named = template_markers(tokenizer, CHAT_TEMPLATES[chat_template], enable_thinking)
+        used = template_markers(tokenizer, own, enable_thinking)
+        if named.headers[0] != used.headers[0]:
+            logger.warning(
+                "chat template %r expects assistant header %r, but the tokenizer's own template (used) writes %r",
+                chat_template,
+                named.headers[0],
+                used.headers[0],
+            )
+        return own, enable_thinking
     if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
+        return chat_template, enable_thinking
     raise ValueError(f"unknown chat template {chat_template!r}: use one of {sorted(CHAT_TEMPLATES)} or Jinja text")
 
 
@@ -239,7 +272,7 @@ def tokenize_conversation(
             raise ValueError(f"message {i}: role must be system, user or assistant, got {msg!r:.80}")
         if not isinstance(msg.get("content"), str):
             raise ValueError(f"message {i}: content must be a string")
-    template = resolve_chat_template(tokenizer, chat_template)
+    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
     markers = template_markers(tokenizer, template, enable_thinking)
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = _render(tokenizer, clean, template, False, enable_thinking)

@@ -11,7 +11,7 @@ from specbundle.assets import sharegpt_path
 from specforge.data.commands import add_subcommands
 from specforge.data.dataset import build_dataset
 from specforge.data.formats import prepare_data, validate_normalized
-from specforge.data.template import tokenize_conversation
+from specforge.data.template import CHAT_TEMPLATES, tokenize_conversation
 from tests.specforge.test_template import smollm2_tokenizer, tiny_tokenizer
 
 
@@ -222,10 +222,23 @@ def test_build_dataset_with_real_tokenizer_and_data(tmp_path):
         assert "<|im_start|>" not in text
 
 
+def test_build_dataset_counts_rows_the_template_refuses(chat_jsonl, tmp_path, caplog):
+    no_system = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + CHAT_TEMPLATES["chatml"]
+    )
+    ds = build_dataset(chat_jsonl, tiny_tokenizer(), 64, chat_template=no_system, cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 1  # d has a system turn
+    assert "2 invalid; first: row 'd': System role not supported" in caplog.text
+
+
 def test_build_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare-data"):
         build_dataset(str(tmp_path / "none.jsonl"), tiny_tokenizer(), 64, chat_template="chatml")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": turns(("user", "Q"), ("assistant", "A"))}])
+    none = write_jsonl(tmp_path / "none.jsonl", [{"id": "x", "conversations": turns(("user", "Q"))}])
+    with pytest.raises(ValueError, match="no usable rows"):
+        build_dataset(none, tiny_tokenizer(), 64, chat_template="chatml", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"lack field\(s\) \['id', 'conversations'\]"):
         build_dataset(bad, tiny_tokenizer(), 64, chat_template="chatml", cache_dir=str(tmp_path / "cache"))
 
