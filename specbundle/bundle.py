@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specbundle.checkpoint import validate_checkpoint
 from specbundle.config import DraftConfig, DraftConfigError, default_aux_layer_ids
 
 METADATA_NAME = "bundle.json"
@@ -319,6 +318,8 @@ def verify_bundle(folder: str | Path, target: TargetInfo | None = None, require_
         checks.append(f"no {METADATA_NAME}: file hashes not checked (plain SGLang/SpecForge checkpoint)")
         for name in [CONFIG_NAME, *(p.name for p in folder.glob("*.safetensors"))]:
             member_path(folder, name)
+    from specbundle.checkpoint import validate_checkpoint  # imports torch: only when a checkpoint is checked
+
     try:
         cfg = validate_checkpoint(folder)
     except DraftConfigError as e:

@@ -27,6 +27,11 @@ def resolve_draft(target: str, draft: str | None = None, revision: str | None = 
     Raises BundleError naming the target when no bundle is known or the draft does not fit it.
     """
     target = str(target)
+    if draft is None and target_id_of(target) is None:
+        raise BundleError(
+            f"no bundle is known for target {target!r}: it names no Hub model id (a local folder needs "
+            "'_name_or_path' in its config.json); pass a draft explicitly"
+        )
     info = _target_info(target)
     if draft is not None:
         path = Path(draft).expanduser()
@@ -38,11 +43,6 @@ def resolve_draft(target: str, draft: str | None = None, revision: str | None = 
         if is_hub_id(str(draft)):
             return pull_bundle(str(draft), revision=revision, target=info)
         raise BundleError(f"draft {draft!r} is neither an existing folder nor a Hub repo id (org/name)")
-    if info.id is None:
-        raise BundleError(
-            f"no bundle is known for target {target!r}: it names no Hub model id (a local folder needs "
-            "'_name_or_path' in its config.json); pass a draft explicitly"
-        )
     entry = find_by_target(info.id)
     if entry is None:
         raise BundleError(

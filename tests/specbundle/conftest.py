@@ -19,7 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_TARGET_ID = "tiny-org/TinyLlama-8L"
 # Tiny Llama-shaped target: hidden 64, 4 heads (2 KV), 8 layers -> default aux layers [1, 3, 4].
 TINY_TARGET = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=256, num_hidden_layers=8
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=256,
+    num_hidden_layers=8,
 )
 
 

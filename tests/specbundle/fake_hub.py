@@ -148,7 +148,9 @@ def _make_handler(hub: FakeHub):
             self._send(status, json.dumps(data).encode(), headers)
 
         def _error(self, status: int, code: str, message: str, headers: dict | None = None):
-            self._json({"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
+            self._json(
+                {"error": message}, status, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})}
+            )
 
         def _authorized(self) -> bool:
             return self.headers.get("Authorization", "").startswith("Bearer ")
@@ -181,7 +183,9 @@ def _make_handler(hub: FakeHub):
                 msg = "You already created this model repo"
                 return self._json({"error": msg, "url": f"{hub.url}/{repo_id}"}, 409, {"X-Error-Message": msg})
             repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
-            repo.commit("main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            repo.commit(
+                "main", "initial commit", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
+            )
             hub.repos[repo_id] = repo
             self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
@@ -244,7 +248,9 @@ def _make_handler(hub: FakeHub):
             c = self._commit(r, rev)
             out = []
             while c is not None:
-                out.append({"id": c.oid, "title": c.title, "message": "", "authors": [{"user": "user"}], "date": c.date})
+                out.append(
+                    {"id": c.oid, "title": c.title, "message": "", "authors": [{"user": "user"}], "date": c.date}
+                )
                 c = r.commits.get(c.parent) if c.parent else None
             self._json(out)
 
