@@ -114,9 +114,11 @@ class TokenRows:
         import pyarrow.compute as pc
 
         self.ds, self.max_length = ds, max_length
-        self.lengths = []
+        raw = []
         for batch in ds.with_format("arrow").iter(batch_size=8192):
-            self.lengths += [min(n, max_length) for n in pc.list_value_length(batch["input_ids"]).to_pylist()]
+            raw += pc.list_value_length(batch["input_ids"]).to_pylist()
+        self.lengths = [min(n, max_length) for n in raw]
+        self.truncates = any(n > max_length for n in raw)
         if any(n == 0 for n in self.lengths):
             raise ValueError(f"dataset row {self.lengths.index(0)} has no tokens")
 
@@ -243,6 +245,9 @@ def vocab_mapping(rows, vocab_size: int, draft_vocab_size: int) -> tuple[torch.T
     base = rows.rows if isinstance(rows, Subset) else rows
     if isinstance(getattr(base, "ds", None), datasets.Dataset):
         token_ds = base.ds.select(rows.indices) if isinstance(rows, Subset) else base.ds
+        if base.truncates:  # count what training sees
+            n = base.max_length
+            token_ds = token_ds.map(lambda r: {"input_ids": r["input_ids"][:n], "loss_mask": r["loss_mask"][:n]})
     else:
         token_ds = datasets.Dataset.from_list([rows.tokens(i) for i in range(len(rows))])
     d2t, t2d = build_vocab_mapping(count_tokens(token_ds, vocab_size), vocab_size, draft_vocab_size)

@@ -1,0 +1,185 @@
+"""End-to-end training on CPU with a tiny random Llama target: online, offline, checkpoints, resume, errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from specbundle.checkpoint import load_draft
+from specbundle.config import DraftConfigError
+from specforge.cli import main
+from specforge.hidden_states import HiddenStatesError
+from specforge.train_state import CheckpointError
+
+VOCAB = 256
+
+
+def make_target(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # a confident target, so there is a distribution worth imitating
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_dataset(folder: Path, n: int = 40, seed: int = 1, bad_row: bool = False) -> Path:
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(24, 40, (1,), generator=g))
+        start, step = int(torch.randint(0, 200, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        rows.append({"input_ids": [(start + step * k) % 200 for k in range(length)],
+                     "loss_mask": [0] * 4 + [1] * (length - 4)})
+    if bad_row:
+        rows[3]["loss_mask"] = rows[3]["loss_mask"][:-2]
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sf")
+    return {"root": root, "target": make_target(root / "target"), "data": make_dataset(root / "data")}
+
+
+def common(assets, out, *extra):
+    return ["train", "--target-model-path", str(assets["target"]), "--output-dir", str(out),
+            "--batch-size", "4", "--max-length", "32", "--draft-vocab-size", "128", "--ttt-length", "3",
+            "--learning-rate", "3e-3", "--report-to", "none", "--log-interval", "1", *extra]
+
+
+def metrics(out: Path, split: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def master(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "training_state" / "draft_fp32.safetensors"))
+
+
+def test_online_training_learns_and_saves_an_sglang_draft(assets):
+    out = assets["root"] / "online"
+    assert main(common(assets, out, "--data-path", str(assets["data"]), "--eval-data-path", str(assets["data"]),
+                       "--num-epochs", "3", "--eval-interval", "10", "--save-interval", "15")) == 0
+    evals = metrics(out, "eval")
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert evals[0]["loss"] > evals[1]["loss"] > evals[2]["loss"]
+    assert evals[-1]["loss"] < 0.93 * evals[0]["loss"]
+    assert evals[-1]["acc"][0] > evals[0]["acc"][0]
+    assert evals[-1]["accept_length"] > evals[0]["accept_length"] > 1.0
+    train = metrics(out, "train")
+    assert len(train) == 30 and train[0]["lr"] > 0 and len(train[0]["acc"]) == 3
+
+    ckpts = sorted(p.name for p in out.glob("epoch_*_step_*"))
+    assert ckpts == ["epoch_1_step_15", "epoch_2_step_30"]
+    assert (out / "latest").read_text().strip() == "epoch_2_step_30"
+    ckpt = out / "epoch_2_step_30"
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 1, 0]  # [1, N//2-1, N-4] for N=4
+    assert cfg["draft_vocab_size"] == 128 and cfg["vocab_size"] == VOCAB and cfg["num_hidden_layers"] == 1
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        assert {"d2t", "t2d", "fc.weight", "lm_head.weight"} <= set(f.keys())
+        assert f.get_tensor("fc.weight").dtype == torch.bfloat16
+    draft = load_draft(ckpt, target_hidden_size=64, target_vocab_size=VOCAB)
+    assert int(draft.t2d.sum()) == 128
+    assert torch.equal(draft.draft_to_target(torch.arange(128)), draft.t2d.nonzero().squeeze(1))
+    fp32 = master(ckpt)
+    torch.testing.assert_close(draft.fc.weight, fp32["fc.weight"].bfloat16().float())
+    assert not any(p.name.endswith(".pt") for p in ckpt.rglob("*"))  # no pickles anywhere
+
+
+def test_resume_after_stop_matches_unbroken_run(assets):
+    base = ["--data-path", str(assets["data"]), "--num-epochs", "2", "--save-interval", "100",
+            "--draft-accumulation-steps", "2", "--batch-size", "2", "--seed", "3"]
+    full, broken = assets["root"] / "full", assets["root"] / "broken"
+    assert main(common(assets, full, *base)) == 0  # 40 rows / (2 x 2) = 10 optimizer steps per epoch
+    assert main(common(assets, broken, *base, "--max-num-steps", "13")) == 0  # stops mid epoch 1
+    state = json.loads((broken / "epoch_1_step_13" / "training_state" / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["micro_in_epoch"]) == (13, 1, 6)
+    assert main(common(assets, broken, *base, "--resume")) == 0
+    a, b = master(full / "epoch_1_step_20"), master(broken / "epoch_1_step_20")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    opt_a = load_file(str(full / "epoch_1_step_20" / "training_state" / "optimizer.safetensors"))
+    opt_b = load_file(str(broken / "epoch_1_step_20" / "training_state" / "optimizer.safetensors"))
+    for key in opt_a:
+        torch.testing.assert_close(opt_a[key], opt_b[key], rtol=0, atol=0, msg=key)
+    lr_a = [r["lr"] for r in metrics(full, "train")]
+    lr_b = [r["lr"] for r in metrics(broken, "train")]
+    assert lr_a == lr_b
+
+
+def test_offline_training_matches_online(assets):
+    hs = assets["root"] / "hidden"
+    assert main(["prepare-hidden-states", "--target-model-path", str(assets["target"]), "--data-path",
+                 str(assets["data"]), "--output-dir", str(hs), "--max-length", "32", "--batch-size", "3",
+                 "--shard-size", "16", "--storage-dtype", "float32"]) == 0
+    meta = json.loads((hs / "meta.json").read_text())
+    assert meta["num_samples"] == 40 and len(meta["shards"]) == 3 and meta["aux_layer_ids"] == [1, 1, 0]
+    args = ["--num-epochs", "1", "--max-num-steps", "4", "--save-interval", "100"]
+    on, off = assets["root"] / "cmp_online", assets["root"] / "cmp_offline"
+    assert main(common(assets, on, "--data-path", str(assets["data"]), *args)) == 0
+    assert main(common(assets, off, "--train-hidden-states-path", str(hs), *args)) == 0
+    a, b = master(on / "epoch_0_step_4"), master(off / "epoch_0_step_4")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert torch.equal(a["t2d"], b["t2d"])
+    # bf16 storage (the default) also trains
+    hs16 = assets["root"] / "hidden16"
+    assert main(["prepare-hidden-states", "--target-model-path", str(assets["target"]), "--data-path",
+                 str(assets["data"]), "--output-dir", str(hs16), "--max-length", "32"]) == 0
+    out16 = assets["root"] / "offline16"
+    assert main(common(assets, out16, "--train-hidden-states-path", str(hs16), "--num-epochs", "1",
+                       "--eval-holdout", "8")) == 0
+    load_draft(out16 / (out16 / "latest").read_text().strip())
+
+
+def test_bad_inputs_fail_with_clear_errors(assets, tmp_path):
+    bad = make_dataset(tmp_path / "bad", n=8, bad_row=True)
+    with pytest.raises(ValueError, match="row 3"):
+        main(common(assets, tmp_path / "o1", "--data-path", str(bad), "--num-epochs", "1"))
+    wrong = tmp_path / "draft.json"
+    wrong.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+                                 "vocab_size": 1000, "draft_vocab_size": 128}))
+    with pytest.raises(DraftConfigError, match="vocab_size"):
+        main(common(assets, tmp_path / "o2", "--data-path", str(assets["data"]), "--draft-model-config", str(wrong)))
+    with pytest.raises(HiddenStatesError, match="prepare-hidden-states"):
+        main(common(assets, tmp_path / "o3", "--train-hidden-states-path", str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="train-data-path"):
+        main(["train", "--output-dir", str(tmp_path / "o4")])
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"learning-rate": 1e-3, "warmup-steps": 5}))
+    with pytest.raises(ValueError, match="unknown key 'warmup-steps'"):
+        main(common(assets, tmp_path / "o5", "--data-path", str(assets["data"]), "--config", str(cfg)))
+    # resuming with another global batch would silently change the data order: refused
+    out = tmp_path / "o6"
+    assert main(common(assets, out, "--data-path", str(assets["data"]), "--max-num-steps", "2")) == 0
+    with pytest.raises(CheckpointError, match="global batch 4"):
+        main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--batch-size", "2"))
+    (out / "epoch_0_step_2" / "training_state" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="trainer_state.json"):
+        main(common(assets, out, "--data-path", str(assets["data"]), "--resume"))
+
+
+def test_recipe_configs_name_only_real_flags():
+    from specforge.args import load_config
+    from specforge.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    configs = sorted(Path(__file__).resolve().parents[2].glob("recipes/*/config.json"))
+    assert len(configs) >= 5
+    for path in configs:
+        values = load_config(path, train)
+        assert values["output_dir"] and values["ttt_length"] == 7, path
