@@ -172,12 +172,21 @@ def _generation_header(tokenizer, template: str, enable_thinking: bool | None) -
     user = [{"role": "user", "content": _PROBE_USER}]
     with_prompt = _render(tokenizer, user, template, True, enable_thinking)
     without = _render(tokenizer, user, template, False, enable_thinking)
-    if not with_prompt.startswith(without) or len(with_prompt) == len(without):
-        raise ValueError(
-            "chat template has no usable generation prompt: rendering with add_generation_prompt=True must append "
-            f"the assistant header to the plain rendering (got {without[-40:]!r} -> {with_prompt[-60:]!r})"
-        )
-    return with_prompt[len(without) :]
+    if with_prompt.startswith(without) and len(with_prompt) > len(without):
+        return with_prompt[len(without) :]
+    if with_prompt == without:
+        # Templates without a generation prompt (Mistral, Llama 2: "[INST] q [/INST]answer</s>"): the header is
+        # whatever the template writes between a user message and the assistant content.
+        pair = user + [{"role": "assistant", "content": _PROBE_ASSISTANT}]
+        rendered = _render(tokenizer, pair, template, False, enable_thinking)
+        user_end = rendered.find(_PROBE_USER) + len(_PROBE_USER)
+        assistant_start = rendered.find(_PROBE_ASSISTANT, user_end)
+        if user_end >= len(_PROBE_USER) and assistant_start > user_end:
+            return rendered[user_end:assistant_start]
+    raise ValueError(
+        "chat template has no usable assistant header: neither add_generation_prompt=True nor an assistant message "
+        f"adds text after a user message (plain rendering ends {without[-40:]!r}, with prompt {with_prompt[-60:]!r})"
+    )
 
 
 def template_markers(tokenizer, template: str, enable_thinking: bool | None = None) -> TemplateMarkers:

@@ -238,6 +238,22 @@ def test_header_quoted_in_a_user_message_is_not_taken_for_an_assistant_turn():
     assert masked_runs(tok, result) == ["Real answer.<|im_end|>"]
 
 
+def test_template_without_generation_prompt_uses_the_text_between_user_and_assistant():
+    # Mistral / Llama 2 style: add_generation_prompt changes nothing; "[/INST]" closes the user turn.
+    mistral = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    tok = tiny_tokenizer()
+    expected_text = (
+        "<|begin_of_text|>[INST] Hi [/INST]Hello there! How can I help?<|eot_id|>[INST] What is 2+2? [/INST]"
+    )
+    expected_text += "The answer is 4.<|eot_id|>"
+    expected_runs = ["Hello there! How can I help?<|eot_id|>", "The answer is 4.<|eot_id|>"]
+    check(tok, TWO_TURNS, expected_text, expected_runs, chat_template=mistral)
+    assert template_markers(tok, mistral).headers == (" [/INST]",)
+
+
 def test_a_name_renders_with_the_tokenizers_own_template_when_it_has_one(caplog):
     # As SpecForge's --chat-template: the name picks the family, the template the server uses does the rendering.
     tok = smollm2_tokenizer()
@@ -309,5 +325,5 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="max_length must be positive"):
         tokenize_conversation(tok, TWO_TURNS, 0, chat_template="chatml")
     no_prompt = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(ValueError, match="no usable generation prompt"):
+    with pytest.raises(ValueError, match="no usable assistant header"):
         tokenize_conversation(tok, TWO_TURNS, 64, chat_template=no_prompt)
