@@ -4,6 +4,14 @@ stores, norms, RoPE, activations and the EAGLE tree ops. Imports nothing else fr
 from kernels.decode_attention import decode_attention, decode_attention_ref
 from kernels.extend_attention import extend_attention, extend_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
+from kernels.speculative import (
+    build_tree,
+    build_tree_ref,
+    tree_speculative_sampling,
+    tree_speculative_sampling_ref,
+    verify_tree_greedy,
+    verify_tree_greedy_ref,
+)
 
 __all__ = [
     "decode_attention",
@@ -12,4 +20,10 @@ __all__ = [
     "extend_attention_ref",
     "store_kv",
     "store_kv_ref",
+    "build_tree",
+    "build_tree_ref",
+    "verify_tree_greedy",
+    "verify_tree_greedy_ref",
+    "tree_speculative_sampling",
+    "tree_speculative_sampling_ref",
 ]
