@@ -128,7 +128,11 @@ def install_bundle(source: Path, local_dir: str | Path, target: TargetInfo | Non
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
             os.rename(dest, old / dest.name)
-            os.rename(tmp, dest)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                os.rename(old / dest.name, dest)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dest)

@@ -4,7 +4,7 @@ import pytest
 
 from specbundle.assets import AssetNotFound, smollm2_gguf_path
 from specbundle.bundle import BundleMetadata, sha256_file
-from specbundle.catalog import CATALOG
+from specbundle.catalog import CATALOG, find_by_target
 from specbundle.cli import build_parser, main
 
 from .conftest import TINY_TARGET_ID, make_tiny_bundle, run_cli
@@ -51,6 +51,17 @@ def test_verify_packaged_bundle_against_the_smollm2_gguf(capsys):
     assert "target agrees: target id HuggingFaceTB/SmolLM2-135M-Instruct, hidden size 576, vocabulary 49152" in out
     assert "aux layers [1, 14, 26] of 30" in out
     assert '"trained": false' in out
+
+
+def test_pull_packaged_bundle_by_target_id(tmp_path, capsys):
+    # Ships in the package: no Hub request (the loopback guard would fail the test), plain files at --local-dir.
+    dest = tmp_path / "drafts" / "smollm2"
+    assert main(["pull", "HuggingFaceTB/SmolLM2-135M-Instruct", "--local-dir", str(dest)]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)
+    packaged = find_by_target("HuggingFaceTB/SmolLM2-135M-Instruct").packaged_path
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "bundle.json", "config.json", "model.safetensors"]
+    assert sha256_file(dest / "model.safetensors") == sha256_file(packaged / "model.safetensors")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["smollm2"]
 
 
 def test_console_entry_point_runs():
