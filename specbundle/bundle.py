@@ -21,6 +21,8 @@ METADATA_NAME = "bundle.json"
 CARD_NAME = "README.md"
 CONFIG_NAME = "config.json"
 FORMAT = "specbundle/1"
+# Pickle-based checkpoint formats: never part of a bundle (nothing here loads them).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # The files a pull fetches from a repo without bundle.json (SGLang / SpecForge checkpoints as published).
 PLAIN_CHECKPOINT_PATTERNS = ("config.json", "*.safetensors", "README.md")
 
@@ -167,6 +169,8 @@ def check_member_name(name: str) -> str:
         raise BundleError(f"bundle file name {name!r} has unsupported characters in {bad[0]!r}")
     if name == METADATA_NAME:
         raise BundleError(f"{METADATA_NAME} cannot list itself")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise BundleError(f"bundle file '{name}' is a pickle-format file; bundles carry safetensors only")
     return name
 
 

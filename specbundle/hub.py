@@ -8,6 +8,7 @@ files are copied into a temporary folder beside the destination, verified again 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from specbundle.bundle import (
     _cache_repo_root,
     bundle_files,
     check_hashes,
+    check_member_name,
     check_target,
     record_hashes,
     sha256_file,
@@ -67,8 +69,9 @@ def _hub_error(repo_id: str, revision: str | None, e: Exception) -> BundleError:
     return BundleError(f"cannot pull bundle '{repo_id}'{at}: {e}")
 
 
-def _fetch_metadata(repo_id, revision, cache_dir, token, endpoint) -> Path | None:
-    """bundle.json in the cache (`.../snapshots/<commit>/bundle.json`), or None for a repo without one."""
+def _fetch_metadata(repo_id, revision, cache_dir, token, endpoint) -> tuple[Path | None, str | None]:
+    """(bundle.json in the cache at `.../snapshots/<commit>/bundle.json`, None) or, for a repo without one,
+    (None, the commit the Hub resolved `revision` to; None when offline)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 
@@ -76,14 +79,27 @@ def _fetch_metadata(repo_id, revision, cache_dir, token, endpoint) -> Path | Non
         path = hf_hub_download(
             repo_id, METADATA_NAME, revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint
         )
-    except RemoteEntryNotFoundError:
-        return None
+    except RemoteEntryNotFoundError as e:
+        return None, e.response.headers.get("X-Repo-Commit")
     except LocalEntryNotFoundError:
         # Offline without a cached bundle.json: a cached plain checkpoint may still be there; snapshot_download decides.
-        return None
+        return None, None
     except (HfHubHTTPError, OSError) as e:
         raise _hub_error(repo_id, revision, e) from e
-    return Path(path)
+    return Path(path), None
+
+
+def _plain_checkpoint_files(repo_id, commit, token, endpoint) -> list[str]:
+    """The files of a repo without bundle.json that a draft needs, every name checked before anything is fetched."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi(endpoint=endpoint, token=token)
+    names = [f.path for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+    selected = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in PLAIN_CHECKPOINT_PATTERNS)]
+    for name in selected:
+        check_member_name(name)
+    return selected
 
 
 def _discard_snapshot(snapshot: Path, meta: BundleMetadata | None) -> None:
@@ -162,7 +178,7 @@ def pull_bundle(
             check_target(report.config, report.metadata, target)
         return install_bundle(packaged, local_dir, target) if local_dir is not None else packaged
 
-    meta_path = _fetch_metadata(repo_id, revision, cache_dir, token, endpoint)
+    meta_path, commit = _fetch_metadata(repo_id, revision, cache_dir, token, endpoint)
     meta = None
     if meta_path is not None:
         snapshot = meta_path.parent
@@ -173,6 +189,11 @@ def pull_bundle(
             raise
         # Pinned to the commit bundle.json came from, so the listed files and their hashes belong together.
         patterns, pinned = [METADATA_NAME, *meta.files], snapshot.name
+    elif commit is not None:
+        try:
+            patterns, pinned = _plain_checkpoint_files(repo_id, commit, token, endpoint), commit
+        except HfHubHTTPError as e:
+            raise _hub_error(repo_id, revision, e) from e
     else:
         patterns, pinned = list(PLAIN_CHECKPOINT_PATTERNS), revision
     try:
@@ -186,7 +207,8 @@ def pull_bundle(
                 endpoint=endpoint,
             )
         )
-    except (HfHubHTTPError, OSError) as e:
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        # ValueError: huggingface_hub's own refusal of an unsafe repo file name.
         raise _hub_error(repo_id, revision, e) from e
     try:
         report = verify_bundle(snapshot)

@@ -84,6 +84,16 @@ def test_unlisted_safetensors_is_refused(tiny_bundle):
         verify_bundle(tiny_bundle)
 
 
+def test_sealing_refuses_pickle_files(tiny_bundle):
+    from specbundle.bundle import seal_bundle
+
+    (tiny_bundle / "training_state.pt").write_bytes(b"\x80\x04.")
+    with pytest.raises(
+        BundleError, match=r"'training_state.pt' is a pickle-format file; bundles carry safetensors only"
+    ):
+        seal_bundle(tiny_bundle)
+
+
 def test_metadata_must_agree_with_config(tiny_bundle):
     meta = json.loads((tiny_bundle / "bundle.json").read_text())
     meta["draft_vocab_size"] = 65

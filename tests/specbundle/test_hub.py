@@ -204,6 +204,24 @@ def test_pull_plain_sglang_checkpoint_without_metadata(hub, tiny_bundle, tmp_pat
         _pull(hub, tmp_path)
 
 
+def test_plain_checkpoint_with_escaping_file_name_is_refused_before_download(hub, tiny_bundle, tmp_path):
+    _push(hub, tiny_bundle)
+    del hub.head(REPO).files["bundle.json"]
+    hub.head(REPO).files["../evil.safetensors"] = b"x"
+    start = len(hub.requests)
+    _assert_refused(hub, tmp_path, r"'../evil.safetensors' contains '..'")
+    assert not [p for m, p in hub.requests[start:] if m == "GET" and "/resolve/" in p and "bundle.json" not in p]
+    assert not (tmp_path / "evil.safetensors").exists()
+
+
+def test_pickle_file_listed_in_metadata_is_refused(hub, tiny_bundle, tmp_path):
+    _push(hub, tiny_bundle)
+    meta = json.loads(hub.head(REPO).files["bundle.json"])
+    meta["files"]["pytorch_model.bin"] = {"sha256": "0" * 64, "size": 1}
+    hub.tamper(REPO, "bundle.json", json.dumps(meta).encode())
+    _assert_refused(hub, tmp_path, r"'pytorch_model.bin' is a pickle-format file")
+
+
 def test_unknown_repo_is_a_clear_error(hub, tmp_path):
     with pytest.raises(BundleError, match="bundle repo 'user/nothing-here' not found"):
         pull_bundle("user/nothing-here", cache_dir=tmp_path / "cache", endpoint=hub.url)
