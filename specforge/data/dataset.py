@@ -14,8 +14,6 @@ from .template import resolve_chat_template, template_markers, tokenize_conversa
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = ("input_ids", "loss_mask")
-
 
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, chat_template: str, enable_thinking: bool | None):
     out: dict[str, list] = {"input_ids": [], "loss_mask": [], "drop_reason": []}

@@ -102,6 +102,7 @@ _PROBE_USER = "specforge-probe-user-7c1e"
 _PROBE_ASSISTANT = "specforge-probe-assistant-9b4d"
 
 logger = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()
 
 
 def _own_template(tokenizer) -> str | None:
@@ -136,7 +137,8 @@ def resolve_chat_template(
             return CHAT_TEMPLATES[chat_template], enable_thinking
         named = template_markers(tokenizer, CHAT_TEMPLATES[chat_template], enable_thinking)
         used = template_markers(tokenizer, own, enable_thinking)
-        if named.headers[0] != used.headers[0]:
+        if named.headers[0] != used.headers[0] and (chat_template, own) not in _WARNED:
+            _WARNED.add((chat_template, own))
             logger.warning(
                 "chat template %r expects assistant header %r, but the tokenizer's own template (used) writes %r",
                 chat_template,
@@ -251,7 +253,9 @@ def assistant_spans(text: str, messages: list[dict], markers: TemplateMarkers) -
             end += len(markers.end_of_turn)
         else:
             found = _find_content(text, content, start)
-            end = found[1] if found is not None else len(text)
+            if found is None:
+                raise ValueError(f"assistant message {i}: its content was not found in the rendered conversation")
+            end = found[1]
         spans.append((start, end))
         cursor = end
     return spans

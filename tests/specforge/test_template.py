@@ -254,6 +254,19 @@ def test_template_without_generation_prompt_uses_the_text_between_user_and_assis
     assert template_markers(tok, mistral).headers == (" [/INST]",)
 
 
+def test_template_without_end_of_turn_token_masks_the_content_only():
+    plain = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    tok = tiny_tokenizer()
+    expected_text = (
+        "user: Hi\nassistant: Hello there! How can I help?\nuser: What is 2+2?\nassistant: The answer is 4.\n"
+    )
+    check(tok, TWO_TURNS, expected_text, ["Hello there! How can I help?", "The answer is 4."], chat_template=plain)
+    assert template_markers(tok, plain).end_of_turn == ""
+
+
 def test_a_name_renders_with_the_tokenizers_own_template_when_it_has_one(caplog):
     # As SpecForge's --chat-template: the name picks the family, the template the server uses does the rendering.
     tok = smollm2_tokenizer()
