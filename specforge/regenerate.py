@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,29 +77,37 @@ def api_base(url: str) -> str:
 
 
 class ServerPool:
-    """Picks the server with the fewest requests in flight; ties rotate, so equal servers get equal shares."""
+    """Picks the server with the fewest requests in flight; ties rotate, so equal servers get equal shares.
 
-    def __init__(self, urls: list[str]):
+    A server that refused a connection is benched for `cooldown` seconds: failing fast, it would otherwise look
+    like the least loaded one and draw every new request.
+    """
+
+    def __init__(self, urls: list[str], cooldown: float = 30.0):
         if not urls:
             raise ValueError("at least one server URL is needed")
         self.urls = [api_base(u) for u in urls]
         self.in_flight = [0] * len(self.urls)
+        self.benched_until = [0.0] * len(self.urls)
+        self.cooldown = cooldown
         self._next = 0
 
     def acquire(self, avoid: int | None = None) -> int:
-        best = None
-        for k in range(len(self.urls)):
-            i = (self._next + k) % len(self.urls)
-            if i == avoid and len(self.urls) > 1:
-                continue
-            if best is None or self.in_flight[i] < self.in_flight[best]:
-                best = i
-        self._next = (best + 1) % len(self.urls)
+        now = time.monotonic()
+        n = len(self.urls)
+        candidates = [i for i in range(n) if i != avoid and self.benched_until[i] <= now]
+        if not candidates:
+            candidates = [i for i in range(n) if i != avoid] or list(range(n))
+        best = min(candidates, key=lambda i: (self.in_flight[i], (i - self._next) % n))
+        self._next = (best + 1) % n
         self.in_flight[best] += 1
         return best
 
     def release(self, i: int) -> None:
         self.in_flight[i] -= 1
+
+    def bench(self, i: int) -> None:
+        self.benched_until[i] = time.monotonic() + self.cooldown
 
 
 @dataclass
@@ -132,6 +141,8 @@ async def _chat(client: httpx.AsyncClient, pool: ServerPool, messages: list[dict
         try:
             resp = await client.post(url, json=body, headers=cfg.headers)
         except httpx.HTTPError as e:
+            if isinstance(e, httpx.TransportError) and not isinstance(e, httpx.TimeoutException):
+                pool.bench(i)
             error, avoid = RequestFailed("connection error", f"{url}: {type(e).__name__}: {e}"), i
             continue
         finally:

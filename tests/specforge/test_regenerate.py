@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,12 +16,14 @@ from specforge.regenerate import ServerPool, api_base, regenerate, regenerate_as
 class FakeServer:
     """/v1/models and /v1/chat/completions; the answer names the server and echoes the last user message.
 
-    fail_first: answer the first N chat requests with `fail_status`. stall_after: after N answers, hold every
+    fail_first: answer the first N chat requests with `fail_status`. drop: close the connection on every chat request
+    without answering (a crashed server). stall_after: after N answers, hold every
     further request until `release` is set (an interrupted run). reasoning: also return reasoning_content.
     """
 
-    def __init__(self, name, fail_first=0, fail_status=500, stall_after=None, reasoning=False):
+    def __init__(self, name, fail_first=0, fail_status=500, stall_after=None, reasoning=False, drop=False):
         self.name = name
+        self.drop = drop
         self.fail_first = fail_first
         self.fail_status = fail_status
         self.stall_after = stall_after
@@ -57,6 +60,10 @@ class FakeServer:
                     server.headers.append(dict(self.headers))
                     n = len(server.requests)
                     stall = server.stall_after is not None and server.answered >= server.stall_after
+                if server.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
                 if n <= server.fail_first:
                     return self._send(server.fail_status, {"error": {"message": "boom", "type": "server_error"}})
                 if stall:
@@ -203,6 +210,17 @@ def test_unreachable_server_is_left_out_and_model_api_key_reasoning(tmp_path):
         regenerate(src, str(out), [dead], "m")
 
 
+def test_a_server_that_drops_connections_is_benched_and_the_others_take_over(tmp_path):
+    src = write_input(tmp_path / "in.jsonl", n=6)
+    out = tmp_path / "out.jsonl"
+    with FakeServer("crashed", drop=True) as crashed, FakeServer("ok") as ok:
+        summary = regenerate(src, str(out), [crashed.url, ok.url], "m", concurrency=1, retry_backoff=0.01)
+        assert len(crashed.requests) <= 2  # the first failures (at most one per worker), then benched
+        assert len(ok.requests) == 12
+    assert summary.written == 6 and summary.failed == 0
+    assert summary.retries == len(crashed.requests)
+
+
 def test_server_pool_prefers_the_least_loaded_and_rotates_ties():
     pool = ServerPool(["a:1", "http://b:2/", "http://c:3/v1"])
     assert pool.urls == ["http://a:1/v1", "http://b:2/v1", "http://c:3/v1"]
@@ -212,4 +230,16 @@ def test_server_pool_prefers_the_least_loaded_and_rotates_ties():
     pool.release(0)
     pool.release(2)
     assert pool.acquire(avoid=0) == 2
+    pool.bench(0)
+    pool.release(1)
+    pool.release(2)
+    assert pool.in_flight == [0, 0, 0]
+    assert [pool.acquire() for _ in range(3)] == [1, 2, 1]  # 0 sits out its cooldown
+    pool.release(1)
+    pool.release(2)
+    pool.release(1)
+    assert pool.acquire(avoid=1) == 2 and pool.acquire(avoid=2) == 1
+    single = ServerPool(["a:1"])
+    single.bench(0)
+    assert single.acquire(avoid=0) == 0  # benched and avoided, but the only one
     assert api_base("localhost:30000") == "http://localhost:30000/v1"
