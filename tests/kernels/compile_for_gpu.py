@@ -1,0 +1,135 @@
+"""Compile every kernel's GPU path (INTERPRET=False branches, bf16 dot operands) for sm_90 without a GPU.
+
+Run as `python -m tests.kernels.compile_for_gpu` with TRITON_INTERPRET unset (under the interpreter @triton.jit
+gives functions that cannot be compiled). Prints one line per kernel variant, OK or FAIL, and exits 1 on any
+failure. The block sizes mirror what the wrappers pick on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# import_module: `kernels` re-exports functions under the module names decode_attention / extend_attention.
+activation, decode_attention, extend_attention, kv_store, norm, rope, speculative = (
+    importlib.import_module(f"kernels.{name}")
+    for name in ("activation", "decode_attention", "extend_attention", "kv_store", "norm", "rope", "speculative")
+)
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4, num_stages: int = 3) -> bool:
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.startswith("stride"):
+            signature[name] = "i32"
+        else:
+            raise KeyError(f"{fn.__name__}: no type for argument {name}")
+    try:
+        triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=consts),
+            target=TARGET,
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+    except Exception as e:  # report every failing variant, not only the first
+        print(f"FAIL {fn.__name__} {consts}: {e!r}"[:4000])
+        return False
+    print(f"OK   {fn.__name__} {consts}")
+    return True
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET to compile for the GPU")
+        return 2
+    ok = True
+    bf = "*bf16"
+    for head_dim in (64, 128):
+        ok &= compile_variant(
+            decode_attention._decode_attention_stage1_kernel,
+            dict(
+                q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
+                seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32",
+            ),
+            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False),
+            num_warps=4,
+            num_stages=2,
+        )  # fmt: skip
+    ok &= compile_variant(
+        decode_attention._decode_attention_stage2_kernel,
+        dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf),
+        dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128),
+    )
+    for group, block_m, mask in ((4, 32, True), (1, 64, False)):
+        ok &= compile_variant(
+            extend_attention._extend_attention_kernel,
+            dict(
+                q_ptr=bf, k_ptr=bf, v_ptr=bf, out_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32",
+                req_pool_indices_ptr="*i64", prefix_lens_ptr="*i32", extend_lens_ptr="*i32",
+                extend_start_loc_ptr="*i32", custom_mask_ptr="*u8" if mask else bf, qk_scale="fp32",
+            ),
+            dict(
+                GROUP=group, BLOCK_G=group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128,
+                USE_CUSTOM_MASK=mask, INTERPRET=False,
+            ),
+            num_warps=8 if group * block_m >= 128 else 4,
+            num_stages=2,
+        )  # fmt: skip
+    ok &= compile_variant(
+        kv_store._store_kv_kernel,
+        dict(k_buffer_ptr=bf, v_buffer_ptr=bf, loc_ptr="*i64", k_ptr=bf, v_ptr=bf),
+        dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128),
+    )
+    ok &= compile_variant(
+        norm._rms_norm_kernel,
+        dict(x_ptr=bf, residual_ptr=bf, weight_ptr=bf, out_ptr=bf, eps="fp32"),
+        dict(HIDDEN=4096, BLOCK=4096, ADD_RESIDUAL=True),
+        num_warps=16,
+    )
+    ok &= compile_variant(
+        rope._apply_rope_kernel,
+        dict(q_ptr=bf, k_ptr=bf, positions_ptr="*i64", cos_sin_ptr="*fp32"),
+        dict(NUM_Q_HEADS=32, NUM_K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_HALF=64),
+    )
+    ok &= compile_variant(activation._silu_and_mul_kernel, dict(x_ptr=bf, out_ptr=bf), dict(INTER=14336, BLOCK=1024))
+    tree_ptrs = dict(
+        candidates_ptr="*i64", retrive_index_ptr="*i64", retrive_next_token_ptr="*i64",
+        retrive_next_sibling_ptr="*i64", predicts_ptr="*i32", accept_index_ptr="*i32", accept_length_ptr="*i32",
+    )  # fmt: skip
+    ok &= compile_variant(
+        speculative._build_tree_kernel,
+        dict(
+            parent_list_ptr="*i64", selected_index_ptr="*i64", seq_lens_ptr="*i64", tree_mask_ptr="*i8",
+            positions_ptr="*i64", retrive_index_ptr="*i64", retrive_next_token_ptr="*i64",
+            retrive_next_sibling_ptr="*i64",
+        ),
+        dict(NUM_PARENTS=25, TOPK=8, DEPTH=4, N=64, BLOCK_N=64),
+    )  # fmt: skip
+    ok &= compile_variant(
+        speculative._verify_tree_greedy_kernel,
+        dict(tree_ptrs, target_predict_ptr="*i64"),
+        dict(N=64, NUM_SPEC=6, BLOCK_N=64, BLOCK_S=8),
+    )
+    ok &= compile_variant(
+        speculative._tree_speculative_sampling_kernel,
+        dict(
+            tree_ptrs, uniform_samples_ptr="*fp32", uniform_final_ptr="*fp32", target_probs_ptr="*fp32",
+            draft_probs_ptr="*fp32", threshold_single="fp32", threshold_acc="fp32",
+        ),
+        dict(N=64, NUM_SPEC=6, VOCAB=128256, HAS_DRAFT_PROBS=False, BLOCK_N=64, BLOCK_S=8, BLOCK_V=1024),
+    )  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
