@@ -10,29 +10,29 @@ import datasets
 from jinja2.exceptions import TemplateError
 
 from .formats import RowError, validate_normalized
-from .template import resolve_chat_template, template_markers, tokenize_conversation
+from .template import render_conversation, resolve_chat_template, template_markers, tokenize_rendered
 
 logger = logging.getLogger(__name__)
 
 
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, chat_template: str, enable_thinking: bool | None):
-    out: dict[str, list] = {"input_ids": [], "loss_mask": [], "drop_reason": []}
-    for row_id, conversations in zip(batch["id"], batch["conversations"]):
-        reason = ""
-        ids: list[int] = []
-        mask: list[int] = []
+    reasons = [""] * len(batch["id"])
+    rendered = {}
+    for k, (row_id, conversations) in enumerate(zip(batch["id"], batch["conversations"])):
         try:
             validate_normalized({"id": row_id, "conversations": conversations})
-            tokens = tokenize_conversation(tokenizer, conversations, max_length, chat_template, enable_thinking)
-            ids, mask = tokens["input_ids"], tokens["loss_mask"]
-            if not any(mask):
-                reason = "no assistant tokens within max_length"
+            rendered[k] = render_conversation(tokenizer, conversations, chat_template, enable_thinking)
         except (RowError, ValueError, TemplateError) as e:
             # TemplateError: templates refuse some conversations themselves (raise_exception, e.g. no system role).
-            reason = f"row {row_id!r}: {e}"
-        out["input_ids"].append(ids)
-        out["loss_mask"].append(mask)
-        out["drop_reason"].append(reason)
+            reasons[k] = f"row {row_id!r}: {e}"
+    tokens = dict(zip(rendered, tokenize_rendered(tokenizer, list(rendered.values()), max_length)))
+    out: dict[str, list] = {"input_ids": [], "loss_mask": [], "drop_reason": reasons}
+    for k in range(len(reasons)):
+        row = tokens.get(k, {"input_ids": [], "loss_mask": []})
+        if k in tokens and not any(row["loss_mask"]):
+            reasons[k] = "no assistant tokens within max_length"
+        out["input_ids"].append(row["input_ids"])
+        out["loss_mask"].append(row["loss_mask"])
     return out
 
 

@@ -266,6 +266,67 @@ def _token_bounds_slow(tokenizer, text: str, positions: list[int]) -> list[int]:
     return [len(tokenizer(text[:p], add_special_tokens=False)["input_ids"]) for p in positions]
 
 
+def render_conversation(
+    tokenizer, messages: list[dict], chat_template: str | None = None, enable_thinking: bool | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """-> (rendered text, character spans [start, end) of assistant output), see assistant_spans."""
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: role must be system, user or assistant, got {msg!r:.80}")
+        if not isinstance(msg.get("content"), str):
+            raise ValueError(f"message {i}: content must be a string")
+    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
+    markers = template_markers(tokenizer, template, enable_thinking)
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = _render(tokenizer, clean, template, False, enable_thinking)
+    return text, assistant_spans(text, clean, markers)
+
+
+def _mask_from_offsets(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    # Tokens and spans are both sorted by position: one sweep. A token counts if it overlaps a span.
+    mask = [0] * len(offsets)
+    s = 0
+    for t, (tok_start, tok_end) in enumerate(offsets):
+        while s < len(spans) and spans[s][1] <= tok_start:
+            s += 1
+        if s == len(spans):
+            break
+        if tok_end > spans[s][0] and tok_end > tok_start:
+            mask[t] = 1
+    return mask
+
+
+def _mask_without_offsets(tokenizer, text: str, spans: list[tuple[int, int]], n_tokens: int) -> list[int]:
+    mask = [0] * n_tokens
+    bounds = _token_bounds_slow(tokenizer, text, [p for span in spans for p in span])
+    for start, end in zip(bounds[0::2], bounds[1::2]):
+        for t in range(start, min(end, n_tokens)):
+            mask[t] = 1
+    return mask
+
+
+def tokenize_rendered(tokenizer, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int) -> list[dict]:
+    """Tokenize render_conversation outputs in one batch (the Rust tokenizer spreads a batch over threads)."""
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if not rendered:
+        return []
+    texts = [text for text, _ in rendered]
+    fast = tokenizer.is_fast
+    enc = tokenizer(
+        texts, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=fast
+    )
+    out = []
+    for k, (text, spans) in enumerate(rendered):
+        ids = list(enc["input_ids"][k])
+        if fast:
+            mask = _mask_from_offsets(enc["offset_mapping"][k], spans)
+        else:
+            mask = _mask_without_offsets(tokenizer, text, spans, len(ids))
+        out.append({"input_ids": ids, "loss_mask": mask})
+    return out
+
+
 def tokenize_conversation(
     tokenizer,
     messages: list[dict],
@@ -280,38 +341,5 @@ def tokenize_conversation(
     """
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message {i}: role must be system, user or assistant, got {msg!r:.80}")
-        if not isinstance(msg.get("content"), str):
-            raise ValueError(f"message {i}: content must be a string")
-    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
-    markers = template_markers(tokenizer, template, enable_thinking)
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = _render(tokenizer, clean, template, False, enable_thinking)
-    spans = assistant_spans(text, clean, markers)
-
-    if tokenizer.is_fast:
-        enc = tokenizer(
-            text, add_special_tokens=False, truncation=True, max_length=max_length, return_offsets_mapping=True
-        )
-        input_ids = list(enc["input_ids"])
-        loss_mask = [0] * len(input_ids)
-        # Tokens and spans are both sorted by position: one sweep. A token counts if it overlaps a span.
-        s = 0
-        for t, (tok_start, tok_end) in enumerate(enc["offset_mapping"]):
-            while s < len(spans) and spans[s][1] <= tok_start:
-                s += 1
-            if s == len(spans):
-                break
-            if tok_end > spans[s][0] and tok_end > tok_start:
-                loss_mask[t] = 1
-    else:
-        enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)
-        input_ids = list(enc["input_ids"])
-        loss_mask = [0] * len(input_ids)
-        bounds = _token_bounds_slow(tokenizer, text, [p for span in spans for p in span])
-        for start, end in zip(bounds[0::2], bounds[1::2]):
-            for t in range(start, min(end, len(input_ids))):
-                loss_mask[t] = 1
-    return {"input_ids": input_ids, "loss_mask": loss_mask}
+    rendered = render_conversation(tokenizer, messages, chat_template, enable_thinking)
+    return tokenize_rendered(tokenizer, [rendered], max_length)[0]
