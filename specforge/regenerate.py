@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from specforge.data.formats import RowError, read_normalized
+from specforge.data.formats import RowError, fold_reasoning, read_normalized
 
 
 @dataclass
@@ -165,10 +165,7 @@ async def _chat(client: httpx.AsyncClient, pool: ServerPool, messages: list[dict
             continue
         if choice.get("finish_reason") == "length":
             summary.truncated_answers += 1
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if isinstance(reasoning, str) and reasoning.strip():
-            return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
-        return content
+        return fold_reasoning(content, message.get("reasoning_content") or message.get("reasoning"))
     assert error is not None
     raise error
 

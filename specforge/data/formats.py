@@ -133,6 +133,14 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
         yield row, obj
 
 
+def fold_reasoning(content: str, reasoning) -> str:
+    """Assistant content with separately stored reasoning (OpenAI-style `reasoning_content`, as SGLang/vLLM reasoning
+    parsers and SpecForge's regeneration write it) put back in front as the `<think>` block the model generated."""
+    if not isinstance(reasoning, str) or not reasoning.strip():
+        return content
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
+
+
 def _content_text(content: Any, where: str) -> str:
     if content is None:
         return ""
@@ -184,8 +192,10 @@ def _parse_turns(row: dict, fmt: str) -> tuple[str, list[dict]]:
         role = ROLE_ALIASES.get(speaker.strip().lower())
         if role is None:
             raise RowError("unknown role", f"{where} role {speaker!r}")
-        content = msg["value"] if "value" in msg else msg.get("content")
-        out.append({"role": role, "content": _content_text(content, where)})
+        content = _content_text(msg["value"] if "value" in msg else msg.get("content"), where)
+        if role == "assistant":
+            content = fold_reasoning(content, msg.get("reasoning_content"))
+        out.append({"role": role, "content": content})
     return name, out
 
 

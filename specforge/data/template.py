@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .formats import fold_reasoning
+
 # Built-in templates, by name, in the exact formats of the model families (tools and multimodal parts left out);
 # see resolve_chat_template for when a name renders with them.
 LLAMA3_TEMPLATE = (
@@ -277,7 +279,12 @@ def render_conversation(
             raise ValueError(f"message {i}: content must be a string")
     template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
     markers = template_markers(tokenizer, template, enable_thinking)
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    clean = [
+        {"role": m["role"], "content": fold_reasoning(m["content"], m.get("reasoning_content"))}
+        if m["role"] == "assistant"
+        else {"role": m["role"], "content": m["content"]}
+        for m in messages
+    ]
     text = _render(tokenizer, clean, template, False, enable_thinking)
     return text, assistant_spans(text, clean, markers)
 

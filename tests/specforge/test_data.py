@@ -130,6 +130,12 @@ def test_ultrachat_and_openai_rows(tmp_path):
                 ]
             },
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A", "reasoning_content": "R"},
+                ]
+            },
         ],
     )
     out = tmp_path / "out.jsonl"
@@ -138,14 +144,15 @@ def test_ultrachat_and_openai_rows(tmp_path):
         {"id": "p1", "conversations": turns(("user", "Q"), ("assistant", "A"))},
         {"id": "7", "conversations": turns(("user", "Q1"), ("assistant", "A1"), ("user", "Q2"), ("assistant", "A2"))},
         {"id": "mixed-3", "conversations": turns(("system", "Sys"), ("user", "Look here"), ("assistant", "Done"))},
+        {"id": "mixed-5", "conversations": turns(("user", "Q"), ("assistant", "<think>\nR\n</think>\n\nA"))},
     ]
     assert summary.skipped_by_reason == {"non-text content": 1}
 
     # An explicit format only accepts its own field.
     summary = prepare_data([src], "openai", str(out))
-    assert summary.written == 2 and summary.skipped_by_reason == {"missing field 'messages'": 1, "non-text content": 1}
+    assert summary.written == 3 and summary.skipped_by_reason == {"missing field 'messages'": 1, "non-text content": 1}
     summary = prepare_data([src], "sharegpt", str(out))
-    assert summary.written == 0 and summary.skipped_by_reason == {"missing field 'conversations'": 4}
+    assert summary.written == 0 and summary.skipped_by_reason == {"missing field 'conversations'": 5}
 
 
 def test_limit_and_several_inputs(tmp_path):

@@ -193,6 +193,17 @@ def test_qwen3_thinking_masks_last_turn_reasoning_and_earlier_answers(enable_thi
     )
 
 
+def test_reasoning_content_field_is_the_think_block():
+    # SGLang/vLLM reasoning parsers and SpecForge's regeneration store reasoning apart from the answer.
+    tok = smollm2_tokenizer()
+    messages = [
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "It is 6.", "reasoning_content": "Three plus three."},
+    ]
+    result = tokenize_conversation(tok, messages, 4096, chat_template=CHAT_TEMPLATES["qwen3"])
+    assert masked_runs(tok, result) == ["<think>\nThree plus three.\n</think>\n\nIt is 6.<|im_end|>"]
+
+
 def test_qwen3_thinking_on_masks_the_empty_think_block_the_model_generates():
     tok = smollm2_tokenizer()
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
