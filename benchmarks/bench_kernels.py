@@ -1,0 +1,311 @@
+"""Attention kernel benchmark at Llama-3.1-8B shapes (needs a CUDA GPU).
+
+Measures the device copy bandwidth, then times `decode_attention` (one token per request over a 4096-token paged
+prefix) and tree-verify `extend_attention` (64 tree tokens per request under a tree mask, same prefix) in bf16 at
+batch 8 and 32, next to torch's scaled_dot_product_attention on K/V already gathered into [B, H, L, D] with the
+same mask. Each kernel result is checked against the package's torch reference. Achieved bandwidth counts the
+bytes that must move at least once (K/V of the prefix and the new tokens, q, out, slot indices) and is reported
+as a share of the copy bandwidth.
+
+    python benchmarks/bench_kernels.py --out bench_kernels.json
+
+Prints a table, writes JSON, and exits 1 if any case failed its correctness check or raised (2 without a GPU).
+`--device cpu` (with TRITON_INTERPRET=1 and tiny shapes) only smoke-tests the script: its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
+BF16_TOL = 2e-2
+
+
+def bench_ms(fn, warmup: int, rep: int, device: str) -> float:
+    """Median milliseconds per call (triton's do_bench on CUDA: L2 flushed between calls)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def copy_bandwidth(size_bytes: int, warmup: int, rep: int, device: str) -> dict:
+    src = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), warmup, rep, device)
+    moved = 2 * src.numel() * src.element_size()  # read + write
+    return {"bytes_moved": moved, "time_us": ms * 1e3, "GBps": moved / (ms * 1e-3) / 1e9}
+
+
+def make_paged_cache(batch: int, prefix: int, extra_tokens: int, gen: torch.Generator, dtype: torch.dtype):
+    """K/V buffers holding `prefix` tokens per request (contiguous slot runs, requests in shuffled order) plus room
+    for `extra_tokens` new tokens per request; req_to_token [batch + 3, prefix + extra_tokens]."""
+    per_req = prefix + extra_tokens
+    num_slots = batch * per_req + 1
+    dev = gen.device
+    k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    v_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    req_pool_indices = torch.randperm(batch + 3, generator=gen, device=dev)[:batch]
+    req_to_token = torch.zeros(batch + 3, per_req, dtype=torch.int32, device=dev)
+    order = torch.randperm(batch, generator=gen, device=dev)
+    for b in range(batch):
+        start = 1 + int(order[b]) * per_req  # slot 0 stays unused, as SGLang's padding slot
+        req_to_token[req_pool_indices[b]] = torch.arange(start, start + per_req, dtype=torch.int32, device=dev)
+    return k_buffer, v_buffer, req_to_token, req_pool_indices
+
+
+def gather_kv(buffer, req_to_token, req_pool_indices, length):
+    slots = req_to_token[req_pool_indices, :length].long()  # [B, L]
+    return buffer[slots].transpose(1, 2).contiguous()  # [B, Hkv, L, D]
+
+
+def sdpa(q, k, v, mask):
+    """q [B, Hq, M, D], k/v [B, Hkv, L, D], mask None or bool [B, 1, M, L]."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    except TypeError:  # torch < 2.5 has no enable_gqa
+        group = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
+        )
+
+
+def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
+    from kernels import decode_attention, decode_attention_ref
+
+    dev = gen.device
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, 0, gen, dtype)
+    seq_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    scale = HEAD_DIM**-0.5
+    out = torch.empty_like(q)
+
+    def run():
+        decode_attention(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, out=out,
+            num_kv_splits=num_kv_splits, max_seq_len_hint=prefix,
+        )  # fmt: skip
+
+    run()
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
+    err = (out.float() - ref.float()).abs().max().item()
+    ms = bench_ms(run, warmup, rep, dev.type)
+
+    k = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
+    v = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
+    q4 = q[:, :, None, :]  # [B, Hq, 1, D]
+    sdpa_out = sdpa(q4, k, v, None)
+    sdpa_err = (sdpa_out[:, :, 0].float() - ref.float()).abs().max().item()
+    sdpa_ms = bench_ms(lambda: sdpa(q4, k, v, None), warmup, rep, dev.type)
+
+    elt = q.element_size()
+    nbytes = 2 * batch * prefix * NUM_KV_HEADS * HEAD_DIM * elt + 2 * q.numel() * elt + batch * prefix * 4
+    return {
+        "kernel": "decode_attention",
+        "batch": batch,
+        "prefix": prefix,
+        "query_tokens": 1,
+        "num_kv_splits": num_kv_splits,
+        "bytes": nbytes,
+        "time_us": ms * 1e3,
+        "GBps": nbytes / (ms * 1e-3) / 1e9,
+        "max_abs_err": err,
+        "ok": err <= BF16_TOL,
+        "sdpa_time_us": sdpa_ms * 1e3,
+        "sdpa_GBps": nbytes / (sdpa_ms * 1e-3) / 1e9,
+        "sdpa_max_abs_err": sdpa_err,
+    }
+
+
+def random_tree_mask(batch, num_nodes, gen) -> torch.Tensor:
+    """bool [B, N, N]: node i's parent is a random earlier node; i sees itself and its ancestors."""
+    parents = [
+        [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, num_nodes)] for _ in range(batch)
+    ]
+    mask = torch.zeros(batch, num_nodes, num_nodes, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(num_nodes):
+            mask[b, i, i] = True
+            if i > 0:
+                mask[b, i] |= mask[b, parents[b][i]]
+    return mask
+
+
+def bench_tree_verify(batch, prefix, tree_tokens, warmup, rep, gen, dtype) -> dict:
+    from kernels import extend_attention, extend_attention_ref
+
+    dev = gen.device
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, tree_tokens, gen, dtype)
+    num_tokens = batch * tree_tokens
+    q = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    k_new = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    v_new = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
+    extend_lens = torch.full((batch,), tree_tokens, dtype=torch.int32, device=dev)
+    extend_start_loc = torch.arange(batch, dtype=torch.int32, device=dev) * tree_tokens
+    tree_mask = random_tree_mask(batch, tree_tokens, torch.Generator().manual_seed(0)).to(dev)
+    scale = HEAD_DIM**-0.5
+    out = torch.empty_like(q)
+    args = (
+        q, k_new, v_new, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+        extend_start_loc, tree_tokens, scale,
+    )  # fmt: skip
+
+    def run():
+        extend_attention(*args, custom_mask=tree_mask, out=out)
+
+    run()
+    ref = extend_attention_ref(*args, custom_mask=tree_mask)
+    err = (out.float() - ref.float()).abs().max().item()
+    ms = bench_ms(run, warmup, rep, dev.type)
+
+    # SDPA on gathered K/V: [B, Hkv, prefix + tree, D], mask [B, 1, tree, prefix + tree].
+    k_prefix = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
+    v_prefix = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
+    to_bhld = lambda t: t.view(batch, tree_tokens, -1, HEAD_DIM).transpose(1, 2)  # noqa: E731
+    k_all = torch.cat([k_prefix, to_bhld(k_new)], dim=2).contiguous()
+    v_all = torch.cat([v_prefix, to_bhld(v_new)], dim=2).contiguous()
+    q4 = to_bhld(q).contiguous()  # [B, Hq, tree, D]
+    full_mask = torch.cat([torch.ones(batch, tree_tokens, prefix, dtype=torch.bool, device=dev), tree_mask], dim=2)[
+        :, None
+    ]  # [B, 1, tree, prefix + tree]
+    sdpa_out = sdpa(q4, k_all, v_all, full_mask)
+    sdpa_err = (sdpa_out.transpose(1, 2).reshape_as(ref).float() - ref.float()).abs().max().item()
+    sdpa_ms = bench_ms(lambda: sdpa(q4, k_all, v_all, full_mask), warmup, rep, dev.type)
+
+    elt = q.element_size()
+    kv_bytes = 2 * batch * (prefix + tree_tokens) * NUM_KV_HEADS * HEAD_DIM * elt
+    nbytes = kv_bytes + 2 * q.numel() * elt + batch * prefix * 4 + tree_mask.numel()
+    return {
+        "kernel": "extend_attention (tree verify)",
+        "batch": batch,
+        "prefix": prefix,
+        "query_tokens": tree_tokens,
+        "num_kv_splits": None,
+        "bytes": nbytes,
+        "time_us": ms * 1e3,
+        "GBps": nbytes / (ms * 1e-3) / 1e9,
+        "max_abs_err": err,
+        "ok": err <= BF16_TOL,
+        "sdpa_time_us": sdpa_ms * 1e3,
+        "sdpa_GBps": nbytes / (sdpa_ms * 1e-3) / 1e9,
+        "sdpa_max_abs_err": sdpa_err,
+    }
+
+
+def print_table(copy: dict, rows: list[dict]) -> None:
+    print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s\n")
+    header = (
+        f"{'kernel':<32}{'B':>4}{'splits':>7}{'us':>10}{'GB/s':>8}{'%copy':>7}"
+        f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:<32}{r['batch']:>4}  ERROR: {r['error']}")
+            continue
+        splits = "-" if r["num_kv_splits"] is None else str(r["num_kv_splits"])
+        print(
+            f"{r['kernel']:<32}{r['batch']:>4}{splits:>7}{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
+            f"{r['pct_of_copy']:>7.1f}{r['sdpa_time_us']:>10.1f}{r['sdpa_pct_of_copy']:>8.1f}"
+            f"{r['speedup_vs_sdpa']:>9.2f}{r['max_abs_err']:>10.2e}  {'yes' if r['ok'] else 'NO'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench_kernels.json", help="JSON output path")
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--prefix", type=int, default=4096)
+    parser.add_argument("--tree-tokens", type=int, default=64)
+    parser.add_argument("--num-kv-splits", default="8,16", help="decode split counts to time, comma-separated")
+    parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
+    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
+    parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: script smoke test only")
+    args = parser.parse_args(argv)
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+        return 2
+    if args.device == "cuda" and interpret:
+        print("TRITON_INTERPRET=1 would run the kernels in the CPU interpreter; unset it to benchmark.")
+        return 2
+    if args.device == "cpu" and not interpret:
+        print("--device cpu needs TRITON_INTERPRET=1 (set before start-up).")
+        return 2
+    import triton
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    split_counts = [int(s) for s in args.num_kv_splits.split(",") if s]
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    # bf16 on the GPU; the interpreter mis-computes bf16 dots, so the CPU smoke test uses fp16.
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
+
+    copy = copy_bandwidth(args.copy_mib << 20, args.warmup, args.rep, args.device)
+    rows: list[dict] = []
+    cases = [("decode_attention", b, s) for b in batch_sizes for s in split_counts]
+    cases += [("extend_attention (tree verify)", b, None) for b in batch_sizes]
+    for name, batch, splits in cases:
+        try:
+            if splits is not None:
+                row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype)
+            else:
+                row = bench_tree_verify(batch, args.prefix, args.tree_tokens, args.warmup, args.rep, gen, dtype)
+            row["pct_of_copy"] = 100 * row["GBps"] / copy["GBps"]
+            row["sdpa_pct_of_copy"] = 100 * row["sdpa_GBps"] / copy["GBps"]
+            row["speedup_vs_sdpa"] = row["sdpa_time_us"] / row["time_us"]
+        except Exception as e:  # one broken case must not lose the others' numbers
+            traceback.print_exc()
+            row = {"kernel": name, "batch": batch, "num_kv_splits": splits, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "shapes": {
+            "num_q_heads": NUM_Q_HEADS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "prefix": args.prefix,
+            "tree_tokens": args.tree_tokens,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "copy_bandwidth": copy,
+        "results": rows,
+    }
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    print_table(copy, rows)
+    print(f"\nwrote {out_path}")
+    failed = [r for r in rows if "error" in r or not r.get("ok", False)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
