@@ -20,7 +20,8 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int, chat_template: str,
     rendered = {}
     for k, (row_id, conversations) in enumerate(zip(batch["id"], batch["conversations"])):
         try:
-            validate_normalized({"id": row_id, "conversations": conversations})
+            # The id only names the row here: numeric ids (other tools write them) are fine.
+            validate_normalized({"id": str(row_id), "conversations": conversations})
             rendered[k] = render_conversation(tokenizer, conversations, chat_template, enable_thinking)
         except (RowError, ValueError, TemplateError) as e:
             # TemplateError: templates refuse some conversations themselves (raise_exception, e.g. no system role).

@@ -201,6 +201,7 @@ def chat_jsonl(tmp_path):
                 ),
             },
             {"id": "e", "conversations": turns(("assistant", "A"))},  # invalid: dropped
+            {"id": 6, "conversations": turns(("user", "Q"), ("assistant", "A"))},  # numeric id: kept
         ],
     )
 
@@ -211,10 +212,10 @@ def test_build_dataset_tokenizes_and_drops_rows_without_loss_tokens(chat_jsonl, 
     ds = build_dataset(chat_jsonl, tok, max_length=64, chat_template="chatml", cache_dir=str(tmp_path / "cache"))
     assert ds.column_names == ["input_ids", "loss_mask"]
     # c's assistant turn lies past max_length; b has none; e is invalid.
-    assert len(ds) == 2
-    for got, row in zip(ds, [rows[0], rows[3]]):
+    assert len(ds) == 3
+    for got, row in zip(ds, [rows[0], rows[3], rows[5]]):
         assert got == tokenize_conversation(tok, row["conversations"], 64, "chatml")
-    assert "dropped 3 of 5 rows (2 with no assistant tokens within max_length=64, 1 invalid" in caplog.text
+    assert "dropped 3 of 6 rows (2 with no assistant tokens within max_length=64, 1 invalid" in caplog.text
     assert all(str(tmp_path / "cache") in f["filename"] for f in ds.cache_files)
 
 
@@ -237,7 +238,7 @@ def test_build_dataset_counts_rows_the_template_refuses(chat_jsonl, tmp_path, ca
         + CHAT_TEMPLATES["chatml"]
     )
     ds = build_dataset(chat_jsonl, tiny_tokenizer(), 64, chat_template=no_system, cache_dir=str(tmp_path / "cache"))
-    assert len(ds) == 1  # d has a system turn
+    assert len(ds) == 2  # d has a system turn
     assert "2 invalid; first: row 'd': System role not supported" in caplog.text
 
 
