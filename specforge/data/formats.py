@@ -315,6 +315,8 @@ def read_normalized(path: str | Path) -> Iterator[tuple[int, dict | RowError]]:
         if isinstance(row, RowError):
             yield row_no, row
             continue
+        if isinstance(row, dict) and isinstance(row.get("id"), int) and not isinstance(row.get("id"), bool):
+            row["id"] = str(row["id"])  # other tools write numeric ids
         try:
             yield row_no, validate_normalized(row)
         except RowError as e:

@@ -118,11 +118,12 @@ def test_replays_user_turns_and_replaces_every_assistant_turn_across_two_servers
     with open(src, "a") as f:
         f.write('{"id": "bad", "conversations": [{"role": "assistant", "content": "x"}]}\n')
         f.write('{"id": "c1", "conversations": [{"role": "user", "content": "dup"}]}\n')
+        f.write('{"id": 7, "conversations": [{"role": "user", "content": "numeric id"}]}\n')
     out = tmp_path / "out.jsonl"
     with FakeServer("s1") as s1, FakeServer("s2") as s2:
         summary = regenerate(src, str(out), [s1.url, s2.url + "/v1/"], "fake-model", concurrency=2, max_tokens=32)
         rows = read_rows(out)
-        assert sorted(rows) == [f"c{i}" for i in range(6)]
+        assert sorted(rows) == ["7"] + [f"c{i}" for i in range(6)]
         for i in range(6):
             conv = rows[f"c{i}"]["conversations"]
             if i == 0:
@@ -137,10 +138,10 @@ def test_replays_user_turns_and_replaces_every_assistant_turn_across_two_servers
         assert all(
             r["model"] == "fake-model" and r["max_tokens"] == 32 and r["temperature"] == 0.0 for r in s1.requests
         )
-        assert len(s1.requests) > 0 and len(s2.requests) > 0 and len(s1.requests) + len(s2.requests) == 12
-    assert (summary.read, summary.written, summary.skipped, summary.failed) == (8, 6, 2, 0)
+        assert len(s1.requests) > 0 and len(s2.requests) > 0 and len(s1.requests) + len(s2.requests) == 13
+    assert (summary.read, summary.written, summary.skipped, summary.failed) == (9, 7, 2, 0)
     assert summary.skipped_by_reason == {"bad role order": 1, "duplicate id": 1}
-    assert summary.requests == 12 and sum(summary.requests_per_server.values()) == 12
+    assert summary.requests == 13 and sum(summary.requests_per_server.values()) == 13
 
 
 def test_resumes_after_an_interruption_without_redoing_finished_rows(tmp_path):
