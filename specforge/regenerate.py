@@ -118,6 +118,7 @@ class _Settings:
     headers: dict
     max_retries: int
     retry_backoff: float
+    enable_thinking: bool | None
 
 
 async def _chat(client: httpx.AsyncClient, pool: ServerPool, messages: list[dict], cfg: _Settings, summary) -> str:
@@ -128,6 +129,9 @@ async def _chat(client: httpx.AsyncClient, pool: ServerPool, messages: list[dict
         "temperature": cfg.temperature,
         "stream": False,
     }
+    if cfg.enable_thinking is not None:
+        # Read by SGLang and vLLM (and passed to the chat template) to switch Qwen3-style reasoning on or off.
+        body["chat_template_kwargs"] = {"enable_thinking": cfg.enable_thinking}
     avoid = None
     error: RequestFailed | None = None
     for attempt in range(cfg.max_retries + 1):
@@ -230,6 +234,7 @@ async def regenerate_async(
     max_retries: int = 3,
     retry_backoff: float = 1.0,
     timeout: float = 600.0,
+    enable_thinking: bool | None = None,
 ) -> RegenerateSummary:
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -253,7 +258,7 @@ async def regenerate_async(
             model = next(m for m in served if m)
             print(f"regenerate: using model {model!r} served by {usable[0]}")
         pool = ServerPool(usable)
-        cfg = _Settings(model, max_tokens, temperature, headers, max_retries, retry_backoff)
+        cfg = _Settings(model, max_tokens, temperature, headers, max_retries, retry_backoff, enable_thinking)
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         done = _finished_ids(out_path)
@@ -319,11 +324,13 @@ def regenerate(
     max_retries: int = 3,
     retry_backoff: float = 1.0,
     timeout: float = 600.0,
+    enable_thinking: bool | None = None,
 ) -> RegenerateSummary:
     """Rewrite every assistant turn of `input_jsonl` (normalized JSONL) with `model`; see the module docstring.
 
     `concurrency` is per server (as in SpecForge): up to concurrency x len(server_urls) conversations are in flight.
     `model=None` uses the first model the first server lists. `api_key` defaults to $OPENAI_API_KEY.
+    `enable_thinking` (if not None) is sent as `chat_template_kwargs` for Qwen3-style reasoning targets.
     """
     return asyncio.run(
         regenerate_async(
@@ -338,5 +345,6 @@ def regenerate(
             max_retries=max_retries,
             retry_backoff=retry_backoff,
             timeout=timeout,
+            enable_thinking=enable_thinking,
         )
     )

@@ -27,6 +27,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         api_key=args.api_key,
         max_retries=args.max_retries,
+        enable_thinking=args.enable_thinking,
     )
     return 1 if summary.failed else 0
 
@@ -85,4 +86,21 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0.0, greedy)")
     r.add_argument("--api-key", default=None, help="bearer token for the servers (default: $OPENAI_API_KEY)")
     r.add_argument("--max-retries", type=int, default=3, help="retries per request before a conversation fails")
+    thinking = r.add_mutually_exclusive_group()
+    thinking.add_argument(
+        "--enable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=True,
+        default=None,
+        help="ask the servers for reasoning (chat_template_kwargs enable_thinking=true; Qwen3-style targets); "
+        "reasoning_content comes back as the answer's <think> block",
+    )
+    thinking.add_argument(
+        "--disable-thinking",
+        dest="enable_thinking",
+        action="store_const",
+        const=False,
+        help="ask the servers not to reason (chat_template_kwargs enable_thinking=false)",
+    )
     r.set_defaults(func=_regenerate)

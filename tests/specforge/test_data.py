@@ -287,7 +287,10 @@ def test_cli_subcommands(tmp_path, capsys):
     )
     assert args.server_url == ["http://a:1", "b:2"]
     assert (args.model, args.concurrency, args.max_tokens, args.temperature, args.api_key) == ("m", 4, 16, 0.5, "k")
-    assert callable(args.func)
+    assert callable(args.func) and args.enable_thinking is None
+    base = ["regenerate", "--input", src, "--output", "o.jsonl", "--server-url", "a:1"]
+    assert parser.parse_args(base + ["--disable-thinking"]).enable_thinking is False
+    assert parser.parse_args(base + ["--enable-thinking"]).enable_thinking is True
     with pytest.raises(SystemExit):
         parser.parse_args(["prepare-data", src, "--format", "alpaca", "--output", "x"])
     assert "invalid choice: 'alpaca'" in capsys.readouterr().err

@@ -201,8 +201,11 @@ def test_unreachable_server_is_left_out_and_model_api_key_reasoning(tmp_path):
     out = tmp_path / "out.jsonl"
     with FakeServer("ok", reasoning=True) as ok:
         dead = "http://127.0.0.1:9"  # discard port: connection refused
-        summary = regenerate(src, str(out), [dead, ok.url], None, api_key="sk-test", retry_backoff=0.01)
+        summary = regenerate(
+            src, str(out), [dead, ok.url], None, api_key="sk-test", retry_backoff=0.01, enable_thinking=True
+        )
         assert {r["model"] for r in ok.requests} == {"fake-model"}  # taken from GET /v1/models
+        assert all(r["chat_template_kwargs"] == {"enable_thinking": True} for r in ok.requests)
         assert {h["Authorization"] for h in ok.headers} == {"Bearer sk-test"}
     assert summary.written == 2 and list(summary.requests_per_server) == [ok.url + "/v1"]
     answer = read_rows(out)["c1"]["conversations"][1]["content"]
