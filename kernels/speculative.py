@@ -480,8 +480,10 @@ def _residual_block(
         residual = tl.maximum(p - q, 0.0)
     else:
         residual = p
-    is_rejected = tl.max((offs_v[:, None] == rejected[None, :]).to(tl.int32), axis=1) > 0  # [BLOCK_V]
-    return tl.where(is_rejected, 0.0, residual)
+    # Scatter the rejected tokens into this block's bins: O(BLOCK_N), not an O(BLOCK_V * BLOCK_N) comparison.
+    in_block = (rejected >= v0) & (rejected < v0 + BLOCK_V)
+    rejected_hits = tl.histogram((rejected - v0).to(tl.int32), BLOCK_V, mask=in_block)  # [BLOCK_V]
+    return tl.where(rejected_hits > 0, 0.0, residual)
 
 
 def tree_speculative_sampling(

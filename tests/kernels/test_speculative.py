@@ -294,3 +294,22 @@ def test_tree_speculative_sampling_kernel_is_lossless_on_gpu():
     first, second = _committed([t.cpu() for t in result], 200_000)
     assert _chi_square(first, p) < CHI2_CRITICAL_DF7
     assert _chi_square(second, p2) < CHI2_CRITICAL_DF7
+
+
+@pytest.mark.parametrize("impl", [tree_speculative_sampling, tree_speculative_sampling_ref])
+def test_tree_speculative_sampling_removes_rejected_tokens_across_vocab_blocks(impl):
+    """Vocabulary of 3000 (several kernel blocks): the rejected children 5, 1500 and 2999 get no correction mass."""
+    vocab = 3000
+    candidates = torch.tensor([[0, 5, 1500, 2999]])
+    retrive_index = torch.arange(4)[None]
+    next_token = torch.tensor([[1, -1, -1, -1]])
+    next_sibling = torch.tensor([[-1, 2, 3, -1]])
+    target = torch.zeros(1, 4, vocab)
+    target[0, 0, [5, 1500, 2999, 2000]] = torch.tensor([0.3, 0.3, 0.3, 0.1])
+    coins = torch.full((1, 4), 0.95)  # above 0.3 + 0.3 + 0.3: every child is rejected
+    for final in (0.0, 0.5, 0.999):
+        predicts, accept_index, accept_length = impl(
+            candidates, retrive_index, next_token, next_sibling, None, target, coins, torch.tensor([final]), 2
+        )
+        assert accept_length.tolist() == [0] and accept_index.tolist() == [[0, -1]]
+        assert predicts[0].item() == 2000
