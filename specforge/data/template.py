@@ -155,8 +155,8 @@ def resolve_chat_template(
 
 @dataclass(frozen=True)
 class TemplateMarkers:
-    # Candidate assistant headers, preferred first; later ones are shorter prefixes of the first (Qwen3 drops the
-    # pre-filled empty think block from earlier turns).
+    # Candidate assistant headers, preferred first; later ones are shorter prefixes of the first, for turns the
+    # template renders without the pre-filled part (Qwen3's empty think block, R1-style "<think>\n").
     headers: tuple[str, ...]
     # End-of-turn text written right after assistant content, masked in; "" if the template writes none.
     end_of_turn: str
@@ -207,6 +207,11 @@ def template_markers(tokenizer, template: str, enable_thinking: bool | None = No
         alt = _generation_header(tokenizer, template, alt_thinking)
         if alt != header and header.startswith(alt) and alt not in headers:
             headers.append(alt)
+    for h in list(headers):
+        # Reasoning templates that pre-fill "<think>\n" in the generation prompt (DeepSeek-R1, QwQ, Qwen3-2507
+        # thinking) render earlier turns without it.
+        if "<think>" in h and h[: h.index("<think>")] not in headers and h.index("<think>") > 0:
+            headers.append(h[: h.index("<think>")])
     pair = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
     rendered = _render(tokenizer, pair, template, False, enable_thinking)
     at = rendered.rfind(_PROBE_ASSISTANT)

@@ -204,6 +204,27 @@ def test_reasoning_content_field_is_the_think_block():
     assert masked_runs(tok, result) == ["<think>\nThree plus three.\n</think>\n\nIt is 6.<|im_end|>"]
 
 
+def test_prefilled_think_tag_in_the_generation_prompt_stays_unmasked():
+    # Qwen3-2507 thinking / DeepSeek-R1 style: the prompt ends with "<think>\n", so the model generates from the
+    # reasoning on; earlier turns are rendered without reasoning and without the tag.
+    tmpl = CHAT_TEMPLATES["qwen3"].replace(
+        "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
+        "{{- '<|im_start|>assistant\\n<think>\\n' }}",
+    )
+    assert tmpl != CHAT_TEMPLATES["qwen3"]
+    tok = smollm2_tokenizer()
+    assert template_markers(tok, tmpl).headers == ("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n")
+    expected_text = (
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\nIt is 4.<|im_end|>\n"
+        "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nThree plus three.\n</think>\n\nIt is 6.<|im_end|>\n"
+    )
+    expected_runs = ["It is 4.<|im_end|>", "Three plus three.\n</think>\n\nIt is 6.<|im_end|>"]
+    check(tok, QWEN3_THINKING, expected_text, expected_runs, chat_template=tmpl)
+
+
 def test_qwen3_thinking_on_masks_the_empty_think_block_the_model_generates():
     tok = smollm2_tokenizer()
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
