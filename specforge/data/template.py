@@ -4,16 +4,17 @@ The conversation is rendered with the tokenizer's own chat template (or one give
 training text is byte-for-byte what the target sees when it serves. The loss mask is found on the rendered text and
 mapped to tokens through the fast tokenizer's offsets:
 
-* the assistant header is what the template appends for ``add_generation_prompt=True``: it is prompt, never
-  generated, so it is masked out (with ``enable_thinking=False``, Qwen3's empty ``<think>\\n\\n</think>\\n\\n``
-  block is part of that header);
+* the assistant header is what the template appends for ``add_generation_prompt=True`` (for templates without a
+  generation prompt, what it writes between a user message and the assistant content): it is prompt, never
+  generated, so it is masked out. With ``enable_thinking=False`` Qwen3's pre-filled empty
+  ``<think>\n\n</think>\n\n`` is part of it, as is the ``<think>\n`` R1-style templates pre-fill;
 * the end-of-turn marker is what the template writes right after an assistant message's content (``<|eot_id|>``,
   ``<|im_end|>``): the model generates it to stop, so it is masked in, while the newline after it is not;
 * everything between the two, a ``<think>...</think>`` block included, is assistant output.
 
-The same semantics as SpecForge's header/end-of-turn spans, with both markers read off the template instead of a
-hand-kept registry. Templates that rewrite assistant content (Llama 3 trims it, Qwen3 drops reasoning from earlier
-turns) are handled because spans are found on the rendered text, not on the input strings.
+These are SpecForge's semantics (header out; content and end-of-turn token in), with the markers read off the
+template instead of a hand-kept registry. Templates that rewrite assistant content (Llama 3 trims it, Qwen3 drops
+reasoning from earlier turns) are handled because spans are found on the rendered text, not on the input strings.
 """
 
 from __future__ import annotations
