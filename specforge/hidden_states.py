@@ -147,7 +147,8 @@ class HiddenStatesDataset:
         name, j = self._index[i]
         fh = self._open(name)
         a, b = int(self._offsets[name][j]), int(self._offsets[name][j + 1])
-        return {"input_ids": fh.get_slice("input_ids")[a:b].tolist(), "loss_mask": fh.get_slice("loss_mask")[a:b].tolist()}
+        return {"input_ids": fh.get_slice("input_ids")[a:b].tolist(),
+                "loss_mask": fh.get_slice("loss_mask")[a:b].tolist()}
 
     def head(self) -> dict[str, torch.Tensor]:
         path = self.folder / HEAD

@@ -74,7 +74,8 @@ class TargetModel:
         self.model = model.eval().requires_grad_(False)
         self.config = getattr(model.config, "text_config", None) or model.config
         self.num_layers = int(self.config.num_hidden_layers)
-        self.aux_layer_ids = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(self.num_layers)
+        self.aux_layer_ids = (list(aux_layer_ids) if aux_layer_ids is not None
+                              else default_aux_layer_ids(self.num_layers))
         if len(self.aux_layer_ids) != 3:
             raise TargetModelError(f"EAGLE-3 needs exactly 3 aux layer ids, got {self.aux_layer_ids}")
         bad = [i for i in self.aux_layer_ids if not 0 <= i < self.num_layers]
@@ -92,6 +93,7 @@ class TargetModel:
         device: str | torch.device | None = None,
         aux_layer_ids: list[int] | None = None,
         device_map: str | None = None,
+        max_memory: dict | None = None,
     ) -> TargetModel:
         """Load a target (folder, Hub id or .gguf file); never runs remote code."""
         from transformers import AutoModelForCausalLM
@@ -102,6 +104,8 @@ class TargetModel:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=False, **kwargs)
         except (OSError, ValueError) as e:

@@ -35,14 +35,20 @@ from specforge.target import TargetModel, load_tokenizer, resolve_dtype
 
 # ----------------------------------------------------------------------------------------------- distributed
 class Dist:
-    def __init__(self, device: str | None, timeout_min: int = 20):
+    def __init__(self, device: str | None, timeout_min: int = 20, gpus_per_rank: int = 1):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if kind == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+            first = self.local_rank * gpus_per_rank
+            if first + gpus_per_rank > torch.cuda.device_count():
+                raise RuntimeError(f"local rank {self.local_rank} needs GPUs {first}..{first + gpus_per_rank - 1} but "
+                                   f"only {torch.cuda.device_count()} are visible (nproc_per_node x "
+                                   f"--target-gpus-per-rank must fit)")
+            torch.cuda.set_device(first)
+            self.device = torch.device("cuda", first)
+            self.gpus = list(range(first, first + gpus_per_rank))
         else:
             self.device = torch.device(kind)
         self.enabled = self.world > 1
@@ -130,7 +136,8 @@ class TokenRows:
         ids = torch.as_tensor(row["input_ids"][: self.max_length], dtype=torch.long)
         mask = torch.as_tensor(row["loss_mask"][: self.max_length], dtype=torch.long)
         if ids.shape != mask.shape:
-            raise ValueError(f"dataset row {i}: input_ids ({ids.numel()}) and loss_mask ({mask.numel()}) differ in length")
+            raise ValueError(f"dataset row {i}: input_ids ({ids.numel()}) and loss_mask ({mask.numel()}) "
+                             f"differ in length")
         return {"input_ids": ids, "loss_mask": mask}
 
     def tokens(self, i: int) -> dict[str, list[int]]:
@@ -272,7 +279,7 @@ def draft_state(module) -> dict[str, torch.Tensor]:
 class Trainer:
     def __init__(self, args: TrainArgs):
         self.args = args
-        self.dist = Dist(args.device, args.dist_timeout)
+        self.dist = Dist(args.device, args.dist_timeout, args.target_gpus_per_rank)
         self.device = self.dist.device
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.out = Path(args.output_dir)
@@ -308,8 +315,12 @@ class Trainer:
         if args.is_online:
             target_path = args.target_model_path or _default_target()
             self.target_path = target_path
+            split = {}
+            if args.target_gpus_per_rank > 1 and self.device.type == "cuda":
+                split = {"device_map": "auto", "max_memory": {
+                    g: int(torch.cuda.get_device_properties(g).total_memory * 0.8) for g in self.dist.gpus}}
             self.target = TargetModel.from_pretrained(target_path, dtype=self.dtype, device=self.device,
-                                                      aux_layer_ids=self._aux_ids_hint())
+                                                      aux_layer_ids=self._aux_ids_hint(), **split)
             self.target_config = self.target.config_dict()
             self.vocab_size = self.target.vocab_size
             # rank 0 tokenizes first so the others hit the datasets cache
@@ -398,7 +409,8 @@ class Trainer:
             return
         state_dir = latest / train_state.STATE_DIR
         st = train_state.load_json(state_dir / "trainer_state.json")
-        if st["global_batch"] != self.global_batch or st["draft_accumulation_steps"] != self.args.draft_accumulation_steps:
+        accum = self.args.draft_accumulation_steps
+        if st["global_batch"] != self.global_batch or st["draft_accumulation_steps"] != accum:
             raise train_state.CheckpointError(
                 f"{latest} was trained with global batch {st['global_batch']} x accumulation "
                 f"{st['draft_accumulation_steps']}; resuming with {self.global_batch} x "
@@ -438,8 +450,8 @@ class Trainer:
         with torch.no_grad():
             if self.target is not None:
                 out = self.target(input_ids, attention_mask)
-                aux, logits = out.aux_hidden, out.logits
-                embeds = self.target.embed(input_ids)
+                aux, logits = out.aux_hidden.to(dev), out.logits.to(dev)
+                embeds = self.target.embed(input_ids).to(dev)
             else:
                 aux = batch["aux_hidden"].to(dev, self.dtype)
                 logits = F.linear(batch["last_hidden"].to(dev, self.dtype), self.lm_head)

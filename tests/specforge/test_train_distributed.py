@@ -27,7 +27,8 @@ def _train(target, data, out, nproc: int, batch: int):
     if nproc == 1:
         cmd = [sys.executable, "-m", "specforge.cli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()),
                "-m", "specforge.cli", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]

@@ -81,7 +81,7 @@ def _reference_ttt(draft, embeds, aux, logits, loss_mask, lengths, k):
         valid = (torch.arange(t) < n)[None]
         keys, values = [], []
 
-        def attn(q, kk, vv, _ctx):
+        def attn(q, kk, vv, _ctx, keys=keys, values=values, valid=valid):
             keys.append(kk)
             values.append(vv)
             mask = ttt_mask(t, len(keys) - 1, valid)[0]
