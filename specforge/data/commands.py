@@ -28,6 +28,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_retries=args.max_retries,
         enable_thinking=args.enable_thinking,
+        limit=args.limit,
     )
     return 1 if summary.failed else 0
 
@@ -86,6 +87,14 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0.0, greedy)")
     r.add_argument("--api-key", default=None, help="bearer token for the servers (default: $OPENAI_API_KEY)")
     r.add_argument("--max-retries", type=int, default=3, help="retries per request before a conversation fails")
+    r.add_argument(
+        "--limit",
+        "--num-samples",
+        dest="limit",
+        type=int,
+        default=None,
+        help="regenerate at most this many conversations in this run (ids already in --output do not count)",
+    )
     thinking = r.add_mutually_exclusive_group()
     thinking.add_argument(
         "--enable-thinking",

@@ -291,6 +291,7 @@ def test_cli_subcommands(tmp_path, capsys):
     base = ["regenerate", "--input", src, "--output", "o.jsonl", "--server-url", "a:1"]
     assert parser.parse_args(base + ["--disable-thinking"]).enable_thinking is False
     assert parser.parse_args(base + ["--enable-thinking"]).enable_thinking is True
+    assert parser.parse_args(base + ["--num-samples", "9"]).limit == 9 and parser.parse_args(base).limit is None
     with pytest.raises(SystemExit):
         parser.parse_args(["prepare-data", src, "--format", "alpaca", "--output", "x"])
     assert "invalid choice: 'alpaca'" in capsys.readouterr().err

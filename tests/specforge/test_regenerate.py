@@ -164,12 +164,14 @@ def test_resumes_after_an_interruption_without_redoing_finished_rows(tmp_path):
         f.write('{"id": "c7", "conversations": [{"role": "us')  # killed mid-write
 
     with FakeServer("second") as second:
+        summary = regenerate(src, str(out), [second.url], "fake-model", concurrency=2, limit=2)
+        assert (summary.already_done, summary.written) == (3, 2)
         summary = regenerate(src, str(out), [second.url], "fake-model", concurrency=2)
         asked = {r["messages"][-1]["content"] for r in second.requests}
     lines = out.read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert sorted(r["id"] for r in rows) == [f"c{i}" for i in range(8)]  # each id exactly once, every line valid
-    assert summary.already_done == 3 and summary.written == 5
+    assert summary.already_done == 5 and summary.written == 3
     assert not any(f"q{cid[1:]}a" in asked for cid in done_first)
     for r in rows:
         who = "first" if r["id"] in done_first else "second"
