@@ -91,3 +91,30 @@ def test_errors():
         build_vocab_mapping(torch.ones(4, dtype=torch.int64), 4, 5)
     with pytest.raises(ValueError, match="more than vocab_size"):
         build_vocab_mapping(torch.ones(8, dtype=torch.int64), 4, 2)
+
+
+def test_mapping_round_trips_through_a_draft_checkpoint(tmp_path):
+    from specbundle.checkpoint import load_draft, save_draft
+    from specbundle.config import DraftConfig
+    from specbundle.modeling import Eagle3DraftModel
+
+    vocab, draft = 50, 8
+    counts = torch.zeros(vocab, dtype=torch.int64)
+    frequent = [41, 3, 17, 29, 8, 44, 12, 0]
+    counts[frequent] = torch.arange(100, 100 - len(frequent), -1)
+    counts[[5, 6]] = 1  # rarer than every pick
+    d2t, t2d = build_vocab_mapping(counts, vocab, draft)
+    cfg = DraftConfig(
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        vocab_size=vocab,
+        draft_vocab_size=draft,
+    )
+    model = Eagle3DraftModel(cfg)
+    model.d2t.copy_(d2t)
+    model.t2d.copy_(t2d)
+    loaded = load_draft(save_draft(model, tmp_path / "draft"))
+    assert loaded.draft_to_target(torch.arange(draft)).tolist() == sorted(frequent)
+    assert torch.equal(loaded.t2d, t2d)
