@@ -67,3 +67,14 @@ def test_decode_attention_rejects_bad_arguments():
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens[:1], 1.0)
     with pytest.raises(ValueError, match="out"):
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, out=q[:1].clone())
+
+
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])
+def test_decode_attention_odd_groups_and_head_dims(num_kv_heads, group, head_dim):
+    """SmolLM2's 9 query / 3 KV heads (group 3), and a group of 7 with a non-power-of-two head dim."""
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(SEQ_LENS, num_kv_heads, head_dim, torch.half)
+    seq_lens = torch.tensor(SEQ_LENS)
+    q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim).half()
+    out = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.1, num_kv_splits=2)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.1)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float16])

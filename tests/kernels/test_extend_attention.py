@@ -91,3 +91,15 @@ def test_extend_attention_rejects_bad_arguments():
         extend_attention(**{**args, "max_extend_len": 3.0})
     with pytest.raises(ValueError, match="^k has"):
         extend_attention(**{**args, "k": args["k"][:5]})
+
+
+@pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])
+@pytest.mark.parametrize("tree", [False, True])
+def test_extend_attention_odd_groups_and_head_dims(num_kv_heads, group, head_dim, tree):
+    """SmolLM2's 9 query / 3 KV heads (group 3), and a group of 7 with a non-power-of-two head dim."""
+    extend = [6, 6] if tree else [7, 3]
+    args = _packed_inputs([11, 0], extend, num_kv_heads, group, head_dim, torch.float16, seed=4)
+    mask = _tree_mask(2, 6, torch.Generator().manual_seed(1)) if tree else None
+    out = extend_attention(**args, custom_mask=mask)
+    ref = extend_attention_ref(**args, custom_mask=mask)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float16])

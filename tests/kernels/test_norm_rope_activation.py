@@ -65,7 +65,7 @@ def _cos_sin(max_positions, rotary_dim, theta=10000.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "num_tokens,num_q_heads,num_kv_heads,head_dim", [(1, 4, 1, 64), (7, 32, 8, 128), (37, 5, 5, 64)]
+    "num_tokens,num_q_heads,num_kv_heads,head_dim", [(1, 4, 1, 64), (7, 32, 8, 128), (37, 5, 5, 64), (7, 9, 3, 64)]
 )
 def test_apply_rope_matches_reference(dtype, num_tokens, num_q_heads, num_kv_heads, head_dim):
     gen = _gen(num_tokens)
