@@ -504,13 +504,16 @@ def tree_speculative_sampling(
 
     At each accepted node, with coin u = uniform_samples[b, node], the children c_1, c_2, ... (in sibling order)
     are tried in turn and c_k is accepted iff u <= (p(c_1) + ... + p(c_k)) / threshold_acc or
-    p(c_k) >= threshold_single, p being the target distribution at that node. With both thresholds 1.0 this picks
-    c_k exactly with probability p(c_k), i.e. it samples the target and checks whether the sample is a child;
-    when no child is accepted, the correction token is drawn (with uniform_samples_for_final_sampling[b]) from
-    relu(p - q) with the rejected children removed, which for q = 0 is p conditioned on not being one of them.
-    So with draft_probs None (or zeros, as SGLang passes) every committed token is distributed exactly as the
-    target's, whatever draft tokens the tree holds. A nonzero draft_probs is subtracted as SGLang does, which is
-    not lossless for top-k-built trees. At full depth the bonus token is drawn from p.
+    p(c_k) >= threshold_single, p being the target distribution at that node. With both thresholds 1.0 this is
+    rejection sampling against a deterministic draft (EAGLE picks children by top-k, so the draft "distribution"
+    of each try is a point mass on c_k): c_k is accepted with probability min(1, p'(c_k) / 1), p' being p with the
+    already rejected siblings removed and renormalised (the residual max(p' - delta(c), 0)), so overall exactly
+    with probability p(c_k). When every child is rejected, the correction token is drawn (coin
+    uniform_samples_for_final_sampling[b]) from relu(p - q) with the rejected children removed, which for q = 0 is
+    p conditioned on not being one of them. So with draft_probs None (or zeros, as SGLang passes it) each
+    committed token is distributed exactly as the target's, whatever tokens the tree holds. A nonzero draft_probs
+    is subtracted as SGLang's formula does, which is not lossless for top-k-built trees. At full depth the bonus
+    token is drawn from p.
 
     candidates [B, N]; retrive_* [B, N]; draft_probs None or [B, N, V] fp32; target_probs [B, N, V] fp32 (row i =
     target distribution after node i); uniform_samples [B, N], uniform_samples_for_final_sampling [B] fp32 in [0, 1).
