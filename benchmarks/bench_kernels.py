@@ -78,13 +78,7 @@ def gather_kv(buffer, req_to_token, req_pool_indices, length):
 
 def sdpa(q, k, v, mask):
     """q [B, Hq, M, D], k/v [B, Hkv, L, D], mask None or bool [B, 1, M, L]."""
-    try:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    except TypeError:  # torch < 2.5 has no enable_gqa
-        group = q.shape[1] // k.shape[1]
-        return F.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask
-        )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
@@ -230,6 +224,29 @@ def print_table(copy: dict, rows: list[dict]) -> None:
         )
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r]
+    labels = [
+        f"{'decode' if r['query_tokens'] == 1 else 'tree verify'}\nB={r['batch']}"
+        + (f" s={r['num_kv_splits']}" if r["num_kv_splits"] else "")
+        for r in done
+    ]
+    x = range(len(done))
+    fig, ax = plt.subplots(figsize=(1.6 * len(done) + 2, 4))
+    ax.bar([i - 0.2 for i in x], [r["pct_of_copy"] for r in done], width=0.4, label="triton kernel")
+    ax.bar([i + 0.2 for i in x], [r["sdpa_pct_of_copy"] for r in done], width=0.4, label="SDPA (gathered K/V)")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("achieved bandwidth, % of copy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_kernels.json", help="JSON output path")
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
     parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
+    parser.add_argument("--plot", default=None, help="also write a PNG bar chart here (needs matplotlib)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: script smoke test only")
     args = parser.parse_args(argv)
 
@@ -303,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps(report, indent=2))
     print_table(copy, rows)
     print(f"\nwrote {out_path}")
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"wrote {args.plot}")
     failed = [r for r in rows if "error" in r or not r.get("ok", False)]
     return 1 if failed else 0
 

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,7 +34,10 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
     """Tiny shapes through the interpreter: every case runs, matches its reference, and lands in the JSON."""
     out = tmp_path / "sub" / "bench.json"
     args = ["--device", "cpu", "--out", str(out), "--batch-sizes", "2", "--prefix", "19", "--tree-tokens", "5"]
-    proc = _run([*args, "--num-kv-splits", "2", "--copy-mib", "1"], interpret=True)
+    plot = tmp_path / "bench.png"
+    with_plot = importlib.util.find_spec("matplotlib") is not None
+    args += ["--num-kv-splits", "2", "--copy-mib", "1"] + (["--plot", str(plot)] if with_plot else [])
+    proc = _run(args, interpret=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     kernels = [r["kernel"] for r in report["results"]]
@@ -43,3 +47,4 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
         assert row["time_us"] > 0 and row["bytes"] > 0
     assert report["copy_bandwidth"]["GBps"] > 0
     assert "decode_attention" in proc.stdout and "copy bandwidth" in proc.stdout
+    assert plot.exists() == with_plot and (not with_plot or plot.stat().st_size > 1000)
