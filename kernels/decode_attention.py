@@ -133,54 +133,16 @@ def _decode_attention_stage1_kernel(
         n0 = start
         while n0 < end:
             m_i, l_i, acc = _decode_attention_block(
-                q,
-                k_buffer_ptr,
-                v_buffer_ptr,
-                req_to_token_ptr,
-                req_row,
-                stride_req,
-                stride_kn,
-                stride_kh,
-                stride_vn,
-                stride_vh,
-                kv_head,
-                n0,
-                end,
-                m_i,
-                l_i,
-                acc,
-                qk_scale,
-                HEAD_DIM,
-                BLOCK_N,
-                BLOCK_D,
-                INTERPRET,
-            )
+                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+            )  # fmt: skip
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_attention_block(
-                q,
-                k_buffer_ptr,
-                v_buffer_ptr,
-                req_to_token_ptr,
-                req_row,
-                stride_req,
-                stride_kn,
-                stride_kh,
-                stride_vn,
-                stride_vh,
-                kv_head,
-                n0,
-                end,
-                m_i,
-                l_i,
-                acc,
-                qk_scale,
-                HEAD_DIM,
-                BLOCK_N,
-                BLOCK_D,
-                INTERPRET,
-            )
+                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+            )  # fmt: skip
 
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
