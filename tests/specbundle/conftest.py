@@ -28,19 +28,43 @@ TINY_TARGET = dict(
 )
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Where huggingface_hub's default endpoint points during tests: a closed loopback port (fails fast, reaches nothing).
+NO_HUB = "http://127.0.0.1:9"
+
+
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch):
-    """Any connection attempt outside 127.0.0.1 fails the test (nothing may reach the network)."""
-    real_connect = socket.socket.connect
+    """Nothing may reach the network: any name lookup or connection outside loopback is recorded and fails the test
+    (recorded, because huggingface_hub swallows errors in best-effort requests such as its agent-registry fetch)."""
+    import huggingface_hub.constants
+
+    attempts = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
 
     def connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
-            raise AssertionError(f"test tried to reach the network: {address}")
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in LOOPBACK:
+            attempts.append(address)
+            raise OSError(f"test tried to reach the network: {address}")
         return real_connect(self, address)
 
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in LOOPBACK and host is not None:
+            attempts.append(host)
+            raise OSError(f"test tried to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
     monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    # As if HF_ENDPOINT=NO_HUB had been set before import (both constants derive from it).
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", NO_HUB)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", NO_HUB + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    yield
+    assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
 @pytest.fixture
@@ -93,7 +117,7 @@ def run_cli(*args: str, hub_url: str | None = None, offline: bool = False, code:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO_ROOT))
     # Nothing may leave the machine: with no fake Hub the endpoint is a closed loopback port.
-    env["HF_ENDPOINT"] = hub_url or "http://127.0.0.1:9"
+    env["HF_ENDPOINT"] = hub_url or NO_HUB
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "specbundle.cli", *args]

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import re
+import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,13 +57,21 @@ class Repo:
         return c
 
 
+class _LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn, a DNS query: nothing here may leave the machine.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 class FakeHub:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) in arrival order
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self.server.daemon_threads = True
+        self.server = _LoopbackServer(("127.0.0.1", 0), _make_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-hub", daemon=True
@@ -89,6 +98,7 @@ _REPO = r"(?P<repo>[^/]+/[^/]+)"
 ROUTES = [
     ("POST", re.compile(r"/api/repos/create"), "create_repo"),
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
+    ("GET", re.compile(r"/api/agent-harnesses"), "agent_harnesses"),
     ("GET", re.compile(rf"/api/models/{_REPO}/revision/(?P<rev>.+)"), "model_info"),
     ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?"), "tree"),
     ("GET", re.compile(rf"/api/models/{_REPO}/refs"), "refs"),
@@ -188,6 +198,10 @@ def _make_handler(hub: FakeHub):
             )
             hub.repos[repo_id] = repo
             self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+        def agent_harnesses(self):
+            # huggingface_hub fetches this registry once per process to build its user-agent.
+            self._json({"standardEnvVars": [], "harnesses": {}})
 
         def validate_yaml(self):
             content = json.loads(self.body)["content"]
