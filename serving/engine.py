@@ -98,6 +98,23 @@ class Engine:
         self._inbox.put(("abort", rid))
         self._wake.set()
 
+    def flush_cache(self, timeout: float = 30.0) -> bool:
+        """Drop the prefix cache (only when no request is in flight). Returns whether it was flushed."""
+        if self._thread is None:
+            return self._flush()
+        done = threading.Event()
+        result = []
+        self._inbox.put(("flush", (done, result)))
+        self._wake.set()
+        done.wait(timeout)
+        return bool(result and result[0])
+
+    def _flush(self) -> bool:
+        if self.running or self.waiting:
+            return False
+        self.tree_cache.reset()
+        return True
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -153,6 +170,10 @@ class Engine:
             if kind == "add":
                 self._reqs[item.rid] = item
                 self.waiting.append(item)
+            elif kind == "flush":
+                done, result = item
+                result.append(self._flush())
+                done.set()
             elif kind == "abort":
                 req = self._reqs.get(item)
                 if req is not None and not req.finished:

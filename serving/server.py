@@ -142,6 +142,13 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         alive = engine._thread is not None and engine._thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "down"}, status_code=200 if alive else 503)
 
+    @app.post("/flush_cache")
+    async def flush_cache():
+        flushed = await asyncio.get_running_loop().run_in_executor(None, engine.flush_cache)
+        if not flushed:
+            return _bad("requests are in flight; the prefix cache was not flushed", None, status=409)
+        return {"status": "ok"}
+
     @app.get("/metrics")
     async def prometheus():
         metrics.observe_engine(engine)

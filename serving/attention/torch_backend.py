@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from serving.attention.base import AttentionBackend
 from serving.forward_batch import ForwardBatch
+
+
+def grouped_attention(q, k, v, mask, scale):
+    """q [B, Hq, Q, D], k/v [B, Hkv, K, D], mask [B, Q, K] bool -> [B, Hq, Q, D].
+
+    Query heads sharing a KV head are stacked into the query dimension: one matmul per KV head, no K/V copies
+    (much faster on CPU than SDPA's GQA path with a boolean mask)."""
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g * nq, d).float()
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, K]
+    scores = scores.view(b, hkv, g, nq, -1).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, g * nq, -1)
+    return torch.matmul(probs, v.float()).view(b, hq, nq, d).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -38,13 +52,12 @@ class TorchAttentionBackend(AttentionBackend):
         md = fb.attn_metadata
         keys = self.k_cache[layer_id, md["slots"]]  # [B, L, Hkv, D]
         vals = self.v_cache[layer_id, md["slots"]]
-        out = F.scaled_dot_product_attention(
+        out = grouped_attention(
             q.unsqueeze(2),  # [B, Hq, 1, D]
             keys.transpose(1, 2),  # [B, Hkv, L, D]
             vals.transpose(1, 2),
-            attn_mask=md["valid"][:, None, None, :],
-            scale=self.scale,
-            enable_gqa=True,
+            md["valid"][:, None, :],
+            self.scale,
         )
         return out.squeeze(2)
 
@@ -60,10 +73,8 @@ class TorchAttentionBackend(AttentionBackend):
             keys = self.k_cache[layer_id, idx].transpose(0, 1)  # [Hkv, T, D]
             vals = self.v_cache[layer_id, idx].transpose(0, 1)
             qb = q[start : start + ext].transpose(0, 1)  # [Hq, E, D]
-            o = F.scaled_dot_product_attention(
-                qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0),
-                attn_mask=md["masks"][b][None, None], scale=self.scale, enable_gqa=True,
-            )
+            o = grouped_attention(qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), md["masks"][b][None],
+                                  self.scale)
             out[start : start + ext] = o[0].transpose(0, 1)
             start += ext
         return out

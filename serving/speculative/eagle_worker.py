@@ -19,6 +19,7 @@ import torch
 
 from kernels import speculative as tree_ops
 from serving.attention import create_backend
+from serving.attention.torch_backend import grouped_attention
 from serving.forward_batch import ForwardMode
 from serving.memory import KVPool
 from serving.request import Req
@@ -342,7 +343,5 @@ class _TreeDraftAttention:
         tree_mask[:, ar, (steps - 1) * topk + ar] = True
         mask = torch.cat([self.prefix_valid[:, None, :].expand(-1, topk, -1), tree_mask], dim=2)  # [B, topk, T]
         qh = q.view(B, topk, hq, d).transpose(1, 2)  # [B, Hq, topk, D]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qh, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask[:, None], scale=self.scale,
-            enable_gqa=True)
+        out = grouped_attention(qh, keys.transpose(1, 2), vals.transpose(1, 2), mask, self.scale)
         return out.transpose(1, 2).reshape(B * topk, hq, d)
