@@ -37,7 +37,6 @@ NO_HUB = "http://127.0.0.1:9"
 def loopback_only(monkeypatch):
     """Nothing may reach the network: any name lookup or connection outside loopback is recorded and fails the test
     (recorded, because huggingface_hub swallows errors in best-effort requests such as its agent-registry fetch)."""
-    import huggingface_hub.constants
 
     attempts = []
     real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
@@ -56,15 +55,21 @@ def loopback_only(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    # As if HF_ENDPOINT=NO_HUB had been set before import (both constants derive from it).
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", NO_HUB)
-    monkeypatch.setattr(
-        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", NO_HUB + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    set_default_endpoint(monkeypatch, NO_HUB)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     yield
     assert not attempts, f"the test tried to reach the network: {attempts}"
+
+
+def set_default_endpoint(monkeypatch, url: str) -> None:
+    """As if HF_ENDPOINT=url had been set before huggingface_hub was imported (both constants derive from it)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
 
 
 @pytest.fixture

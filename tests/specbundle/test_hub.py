@@ -87,12 +87,12 @@ def test_pull_into_empty_cache_fetches_only_bundle_files(hub, tiny_bundle, tmp_p
 
 def test_pull_again_offline_uses_the_cache(hub, tiny_bundle, tmp_path):
     _push(hub, tiny_bundle)
-    online = run_cli("pull", REPO, "--cache-dir", str(tmp_path / "cache"), hub_url=hub.url)
-    assert online.returncode == 0, online.stderr
+    online = _pull(hub, tmp_path)
     served = len(hub.requests)
+    # A fresh interpreter: HF_HUB_OFFLINE is read when huggingface_hub is imported.
     offline = run_cli("pull", REPO, "--cache-dir", str(tmp_path / "cache"), hub_url=hub.url, offline=True)
     assert offline.returncode == 0, offline.stderr
-    assert offline.stdout.strip() == online.stdout.strip()
+    assert offline.stdout.strip() == str(online)
     assert len(hub.requests) == served  # not one request reached the Hub
     # Offline with an empty cache: a clear error, not a traceback.
     empty = run_cli("pull", REPO, "--cache-dir", str(tmp_path / "empty"), hub_url=hub.url, offline=True)

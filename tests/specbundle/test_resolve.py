@@ -5,13 +5,13 @@ import json
 import pytest
 
 from specbundle.assets import DEFAULT_TARGET_ID, AssetNotFound, smollm2_gguf_path
-from specbundle.bundle import BundleError
+from specbundle.bundle import BundleError, sha256_file
 from specbundle.catalog import find_by_target
 from specbundle.hub import push_bundle
 from specbundle.resolve import resolve_draft
 from specbundle.target import target_id_of
 
-from .conftest import make_tiny_bundle, run_cli
+from .conftest import make_tiny_bundle, set_default_endpoint
 
 PACKAGED = find_by_target(DEFAULT_TARGET_ID).packaged_path
 
@@ -83,14 +83,14 @@ def test_local_draft_folder_is_validated_against_the_target(tiny_bundle, tiny_ta
         resolve_draft(str(tiny_target), draft="./no/such/folder")
 
 
-def test_hub_draft_is_pulled_with_revision(hub, tmp_path, tiny_target):
+def test_hub_draft_is_pulled_with_revision(hub, tmp_path, tiny_target, monkeypatch):
     c1 = push_bundle(make_tiny_bundle(tmp_path / "v1", seed=1), "user/tiny", endpoint=hub.url, token="t").oid
     push_bundle(make_tiny_bundle(tmp_path / "v2", seed=2), "user/tiny", endpoint=hub.url, token="t")
-    code = (
-        "from specbundle.resolve import resolve_draft;"
-        f"print(resolve_draft({str(tiny_target)!r}, draft='user/tiny', revision={c1!r}))"
-    )
-    env_cache = f"import os; os.environ['HF_HUB_CACHE'] = {str(tmp_path / 'cache')!r};"
-    result = run_cli(code=env_cache + code, hub_url=hub.url)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(f"models--user--tiny/snapshots/{c1}")
+    # resolve_draft takes no endpoint: it uses HF_ENDPOINT and the default cache, like the server will.
+    set_default_endpoint(monkeypatch, hub.url)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    path = resolve_draft(str(tiny_target), draft="user/tiny", revision=c1)
+    assert path == tmp_path / "cache" / "models--user--tiny" / "snapshots" / c1
+    assert sha256_file(path / "model.safetensors") == sha256_file(tmp_path / "v1" / "model.safetensors")
+    with pytest.raises(BundleError, match=r"target mismatch: the bundle is for 'tiny-org/TinyLlama-8L'"):
+        resolve_draft(DEFAULT_TARGET_ID, draft="user/tiny")
