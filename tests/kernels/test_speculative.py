@@ -313,3 +313,27 @@ def test_tree_speculative_sampling_removes_rejected_tokens_across_vocab_blocks(i
         )
         assert accept_length.tolist() == [0] and accept_index.tolist() == [[0, -1]]
         assert predicts[0].item() == 2000
+
+
+@pytest.mark.parametrize("impl", [tree_speculative_sampling, tree_speculative_sampling_ref])
+def test_tree_speculative_sampling_bonus_ignores_draft_only_at_full_depth(impl):
+    """Chain root -> 1 -> 2, both accepted. With num_speculative_tokens = 3 the path is full and the bonus comes
+    from p; with 4 the leaf merely has no children, and the correction comes from relu(p - q) as in SGLang."""
+    candidates = torch.tensor([[0, 10, 11]])
+    retrive_index = torch.arange(3)[None]
+    next_token = torch.tensor([[1, 2, -1]])
+    next_sibling = torch.full((1, 3), -1)
+    target = torch.zeros(1, 3, 16)
+    target[0, 0, 10] = target[0, 1, 11] = 1.0
+    target[0, 2, 3] = target[0, 2, 4] = 0.5
+    draft = torch.zeros(1, 3, 16)
+    draft[0, 2, 3] = 0.5
+    coins = torch.full((1, 3), 0.5)
+    final = torch.tensor([0.2])  # on p: token 3; on relu(p - q) = {4: 0.5}: token 4
+    for num_spec, bonus in ((3, 3), (4, 4)):
+        predicts, accept_index, accept_length = impl(
+            candidates, retrive_index, next_token, next_sibling, draft, target, coins, final, num_spec
+        )
+        assert accept_length.tolist() == [2]
+        assert accept_index[0, :3].tolist() == [0, 1, 2]
+        assert predicts.tolist() == [10, 11, bonus]
