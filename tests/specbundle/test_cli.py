@@ -109,3 +109,20 @@ def test_push_and_pull_commands(hub, tiny_bundle, tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().out.strip() == str(dest)
     assert sha256_file(dest / "model.safetensors") == sha256_file(tiny_bundle / "model.safetensors")
     assert BundleMetadata.from_file(dest).target_id == TINY_TARGET_ID
+
+
+def test_verify_against_a_hub_id_target(hub, tiny_bundle, tiny_target, tmp_path, monkeypatch, capsys):
+    from .conftest import set_default_endpoint
+    from .fake_hub import Repo
+
+    # The target's repo on the (fake) Hub holds just its config.json; transformers fetches it through huggingface_hub.
+    repo = Repo(TINY_TARGET_ID, private=False)
+    repo.commit("main", "add config", {"config.json": (tiny_target / "config.json").read_bytes()})
+    hub.repos[TINY_TARGET_ID] = repo
+    set_default_endpoint(monkeypatch, hub.url)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert main(["verify", str(tiny_bundle), "--target", TINY_TARGET_ID]) == 0
+    assert "target agrees: target id tiny-org/TinyLlama-8L, hidden size 64, vocabulary 256" in capsys.readouterr().out
+    assert [p for m, p in hub.requests if m == "GET" and p.startswith(f"/{TINY_TARGET_ID}/resolve/")] == [
+        f"/{TINY_TARGET_ID}/resolve/{repo.branches['main']}/config.json"
+    ]
