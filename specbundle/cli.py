@@ -30,7 +30,9 @@ def _cmd_list(args) -> int:
 def _cmd_pull(args) -> int:
     from specbundle.hub import pull_bundle
 
-    path = pull_bundle(args.bundle, revision=args.revision, cache_dir=args.cache_dir, local_dir=args.local_dir)
+    path = pull_bundle(
+        args.bundle, revision=args.revision, cache_dir=args.cache_dir, local_dir=args.local_dir, token=args.token
+    )
     print(path)
     return 0
 
@@ -59,7 +61,7 @@ def _cmd_verify(args) -> int:
     target = load_target_info(args.target, revision=args.target_revision) if args.target else None
     folder = Path(args.bundle)
     if not folder.exists():
-        folder = pull_bundle(args.bundle, revision=args.revision, cache_dir=args.cache_dir)
+        folder = pull_bundle(args.bundle, revision=args.revision, cache_dir=args.cache_dir, token=args.token)
     report = verify_bundle(folder, target)
     for check in report.checks:
         print(f"ok  {check}")
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch, tag or commit sha to pin (default: main)")
     p.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
     p.add_argument("--local-dir", help="also install the verified bundle as plain files in this folder")
+    p.add_argument("--token", help="Hub token for a private repo (default: HF_TOKEN or the saved login)")
     p.set_defaults(func=_cmd_pull)
 
     p = sub.add_parser(
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-revision", help="revision of a Hub target's config")
     p.add_argument("--revision", help="revision of a Hub bundle")
     p.add_argument("--cache-dir", help="Hugging Face cache folder for a Hub bundle")
+    p.add_argument("--token", help="Hub token for a private bundle repo")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(

@@ -104,8 +104,8 @@ def test_push_and_pull_commands(hub, tiny_bundle, tmp_path, capsys, monkeypatch)
     assert main(["pull", "user/cli", "--cache-dir", str(tmp_path / "cache"), "--local-dir", str(dest)]) == 1
     assert "not found" in capsys.readouterr().err  # private repo, no token on pull
     assert not dest.exists()
-    hub.repos["user/cli"].private = False
-    assert main(["pull", "user/cli", "--cache-dir", str(tmp_path / "cache"), "--local-dir", str(dest)]) == 0
+    pull = ["pull", "user/cli", "--cache-dir", str(tmp_path / "cache"), "--local-dir", str(dest), "--token", "hf_x"]
+    assert main(pull) == 0
     assert capsys.readouterr().out.strip() == str(dest)
     assert sha256_file(dest / "model.safetensors") == sha256_file(tiny_bundle / "model.safetensors")
     assert BundleMetadata.from_file(dest).target_id == TINY_TARGET_ID
