@@ -665,6 +665,7 @@ def _deepspeed_engine(module, optimizer, scheduler, args: TrainArgs, dtype: torc
         "gradient_accumulation_steps": args.draft_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,
         "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,  # plain torch AdamW, as SpecForge uses
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 10**9,
     }
