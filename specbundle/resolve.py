@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specbundle.bundle import BundleError, TargetInfo, verify_bundle
+from specbundle.bundle import METADATA_NAME, BundleError, BundleMetadata, SpeculativeConfig, TargetInfo, verify_bundle
 from specbundle.catalog import find_by_target
 from specbundle.hub import pull_bundle
 from specbundle.target import is_hub_id, load_target_info, target_id_of
@@ -49,3 +49,12 @@ def resolve_draft(target: str, draft: str | None = None, revision: str | None = 
             f"no bundle is known for target '{info.id}' (see `specbundle list`); pass a draft folder or Hub repo"
         )
     return pull_bundle(entry.target_id, revision=revision, target=info)
+
+
+def speculative_defaults(folder: str | Path) -> SpeculativeConfig:
+    """The bundle's recommended num_steps / eagle_topk / num_draft_tokens; SpecBundle's published 3 / 1 / 4 for a
+    plain checkpoint without bundle.json."""
+    folder = Path(folder)
+    if (folder / METADATA_NAME).exists():
+        return BundleMetadata.from_file(folder).speculative
+    return SpeculativeConfig()

@@ -8,7 +8,7 @@ from specbundle.assets import DEFAULT_TARGET_ID, AssetNotFound, smollm2_gguf_pat
 from specbundle.bundle import BundleError, sha256_file
 from specbundle.catalog import find_by_target
 from specbundle.hub import push_bundle
-from specbundle.resolve import resolve_draft
+from specbundle.resolve import resolve_draft, speculative_defaults
 from specbundle.target import target_id_of
 
 from .conftest import make_tiny_bundle, set_default_endpoint
@@ -94,3 +94,14 @@ def test_hub_draft_is_pulled_with_revision(hub, tmp_path, tiny_target, monkeypat
     assert sha256_file(path / "model.safetensors") == sha256_file(tmp_path / "v1" / "model.safetensors")
     with pytest.raises(BundleError, match=r"target mismatch: the bundle is for 'tiny-org/TinyLlama-8L'"):
         resolve_draft(DEFAULT_TARGET_ID, draft="user/tiny")
+
+
+def test_speculative_defaults(tiny_bundle):
+    spec = speculative_defaults(PACKAGED)
+    assert (spec.algorithm, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens) == ("EAGLE3", 3, 1, 4)
+    meta = json.loads((tiny_bundle / "bundle.json").read_text())
+    meta["speculative"] = {"num_steps": 5, "eagle_topk": 4, "num_draft_tokens": 8}
+    (tiny_bundle / "bundle.json").write_text(json.dumps(meta))
+    assert (speculative_defaults(tiny_bundle).num_steps, speculative_defaults(tiny_bundle).eagle_topk) == (5, 4)
+    (tiny_bundle / "bundle.json").unlink()
+    assert speculative_defaults(tiny_bundle).num_draft_tokens == 4
