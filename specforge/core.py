@@ -143,8 +143,10 @@ class Eagle3TrainModule(nn.Module):
             logits = self.draft.compute_logits(normed).view(b, t, -1).float()  # [B, T, Vd]
             p = target_p[:, i:i + t]
             pm = shift_left(position_mask, i)
-            logp = logits.log_softmax(-1)
-            plosses.append(-((p * logp).sum(-1) * pm).sum() / (b * t))
+            # -sum_v p log softmax(l) = logsumexp(l) - sum_v p l, as p sums to 1 on counted rows: keeps no extra
+            # [B, T, Vd] log-prob tensor alive for backward
+            ce = torch.logsumexp(logits, -1) - (p * logits).sum(-1)  # [B, T]
+            plosses.append((ce * pm).sum() / (b * t))
             with torch.no_grad():
                 correct.append(((logits.argmax(-1) == p.argmax(-1)) & pm).sum())
                 counted.append(shift_left(loss_mask, i).sum())

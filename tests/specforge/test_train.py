@@ -68,7 +68,8 @@ def master(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_online_training_learns_and_saves_an_sglang_draft(assets):
     out = assets["root"] / "online"
-    assert main(common(assets, out, "--data-path", str(assets["data"]), "--eval-data-path", str(assets["data"]),
+    seen = make_dataset(assets["root"] / "seen", n=16)  # the first 16 training rows: is the data being fitted?
+    assert main(common(assets, out, "--data-path", str(assets["data"]), "--eval-data-path", str(seen),
                        "--num-epochs", "3", "--eval-interval", "10", "--save-interval", "15")) == 0
     evals = metrics(out, "eval")
     assert [e["step"] for e in evals] == [10, 20, 30]
