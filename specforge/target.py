@@ -158,8 +158,11 @@ class TargetModel:
                 def hook(module, args, output, i=i):
                     captured[f"aux{i}"] = output[0] if isinstance(output, tuple) else output
                 handles.append(self._layers[i].register_forward_hook(hook))
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        # Without logits the decoder alone runs: its last_hidden_state is the final-norm output the head reads.
+        decoder_only = not with_logits and self._layers is not None and decoder is not None
         try:
-            out = self.model(
+            out = (decoder if decoder_only else self.model)(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 output_hidden_states=self._layers is None,
@@ -174,7 +177,7 @@ class TargetModel:
             aux = [captured[f"aux{i}"] for i in self.aux_layer_ids]
         return TargetOutput(
             aux_hidden=torch.cat(aux, dim=-1),
-            last_hidden=captured["last"],
+            last_hidden=out.last_hidden_state if decoder_only else captured["last"],
             logits=out.logits if with_logits else None,
         )
 
