@@ -99,14 +99,14 @@ def _run_build_vocab(ns: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from specforge.args import TrainArgs
-    from specforge.target import load_tokenizer
+    from specforge.target import load_target_config
     from specforge.trainer import TokenRows, _default_target, load_token_dataset, vocab_mapping
 
     target = ns.target_model_path or _default_target()
     args = TrainArgs(train_data_path=ns.data_path, output_dir=".", max_length=ns.max_length,
                      chat_template=ns.chat_template)
     rows = TokenRows(load_token_dataset(ns.data_path, target, args), ns.max_length)
-    vocab_size = len(load_tokenizer(target))
+    vocab_size = int(load_target_config(target).vocab_size)
     d2t, t2d = vocab_mapping(rows, vocab_size, min(ns.draft_vocab_size, vocab_size))
     save_file({"d2t": d2t, "t2d": t2d}, ns.output)
     print(f"wrote {ns.output}: {int(t2d.sum())} of {vocab_size} target tokens in the draft vocabulary")

@@ -58,6 +58,19 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
 
 
+def load_target_config(path: str | Path):
+    """The target's (text) config without loading weights."""
+    from transformers import AutoConfig
+
+    folder, gguf_file = split_model_path(path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as e:
+        raise TargetModelError(f"cannot load the config of target {path!r}: {e}") from e
+    return getattr(cfg, "text_config", None) or cfg
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     for holder in (decoder, getattr(model, "model", None), model):

@@ -184,3 +184,27 @@ def test_recipe_configs_name_only_real_flags():
     for path in configs:
         values = load_config(path, train)
         assert values["output_dir"] and values["ttt_length"] == 7, path
+
+
+def test_build_vocab_writes_the_mapping_training_uses(assets, tmp_path):
+    import datasets
+
+    from specforge.vocab import build_vocab_mapping, count_tokens
+
+    out = tmp_path / "vocab.safetensors"
+    assert main(["build-vocab", "--data-path", str(assets["data"]), "--target-model-path", str(assets["target"]),
+                 "--draft-vocab-size", "128", "--max-length", "32", "--output", str(out)]) == 0
+    got = load_file(str(out))
+    ds = datasets.load_from_disk(str(assets["data"]))
+    ds = ds.map(lambda r: {"input_ids": r["input_ids"][:32], "loss_mask": r["loss_mask"][:32]})
+    d2t, t2d = build_vocab_mapping(count_tokens(ds, VOCAB), VOCAB, 128)
+    assert torch.equal(got["t2d"], t2d) and torch.equal(got["d2t"], d2t)
+
+
+def test_recipe_scripts_parse():
+    import subprocess
+
+    scripts = sorted(Path(__file__).resolve().parents[2].glob("recipes/*/run.sh"))
+    assert len(scripts) >= 5
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
