@@ -208,3 +208,34 @@ def test_recipe_scripts_parse():
     assert len(scripts) >= 5
     for script in scripts:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_online_training_from_chat_jsonl_with_the_smollm2_tokenizer(tmp_path):
+    """The JSONL path end to end: specforge.data tokenizes with the target's chat template, then training runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specbundle.assets import AssetNotFound, smollm2_gguf_path
+    from specforge.target import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(smollm2_gguf_path())
+    except AssetNotFound as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    target = tmp_path / "target"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                 vocab_size=len(tokenizer), tie_word_embeddings=True)).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    rows = [{"id": str(i), "conversations": [
+        {"role": "user", "content": f"Count from {i} to {i + 5}."},
+        {"role": "assistant", "content": " ".join(str(i + k) for k in range(6))}]} for i in range(8)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["train", "--target-model-path", str(target), "--data-path", str(data), "--output-dir", str(out),
+                 "--batch-size", "4", "--max-length", "64", "--draft-vocab-size", "512", "--num-epochs", "1",
+                 "--build-dataset-num-proc", "1", "--cache-dir", str(tmp_path / "cache"), "--report-to", "none"]) == 0
+    draft = load_draft(out / "epoch_0_step_2", target_vocab_size=len(tokenizer))
+    assert int(draft.t2d.sum()) == 512
+    digits = tokenizer.convert_tokens_to_ids(["0", "1", "2"])
+    assert all(draft.t2d[d] for d in digits)  # the assistant's most frequent tokens made the draft vocabulary
