@@ -37,7 +37,8 @@ class ForwardBatch:
     custom_mask: torch.Tensor | None = None  # [B, E, E] bool, TARGET_VERIFY only
     seq_lens_cpu: list[int] | None = None
     max_seq_len: int = 0
-    capture_aux: bool = False
+    aux_layer_ids: tuple[int, ...] = ()  # capture these target layers' outputs (EAGLE-3)
+    attn_backend: object = None
     attn_metadata: dict = field(default_factory=dict)
 
     @property

@@ -34,7 +34,7 @@ class ModelRunner:
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests * 2 + 8, self.context_length + 64, device)
         self.backend = create_backend(cfg.attention_backend, self.kv.k, self.kv.v, self.req_to_token.table,
                                       mc.head_dim**-0.5)
-        self.model.attn_backend = self.backend
+        self.aux_layer_ids: tuple[int, ...] = ()  # set by the speculative worker
         self.graph_runner = None
         logger.info("KV pool: %d slots (%s), context %d", num_slots - 1, self.dtype, self.context_length)
 
@@ -86,7 +86,8 @@ class ModelRunner:
             max_extend_len=max(ext),
             seq_lens_cpu=seq,
             max_seq_len=max(seq),
-            capture_aux=capture_aux,
+            aux_layer_ids=self.aux_layer_ids if capture_aux else (),
+            attn_backend=self.backend,
         )
 
     def build_decode(self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False) -> ForwardBatch:
@@ -105,7 +106,8 @@ class ModelRunner:
             seq_lens=pos_t + 1,
             seq_lens_cpu=seq,
             max_seq_len=max(seq),
-            capture_aux=capture_aux,
+            aux_layer_ids=self.aux_layer_ids if capture_aux else (),
+            attn_backend=self.backend,
         )
 
     @torch.inference_mode()

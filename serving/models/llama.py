@@ -114,15 +114,13 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.aux_layer_ids: list[int] = []  # capture outputs of these layers (EAGLE-3)
-        self.attn_backend = None
 
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (final normed hidden [N, H], aux hidden [N, 3*H] or None)."""
         h = self.embed_tokens(fb.input_ids)  # [N, H]
         positions = fb.positions
         aux = {}
-        capture = set(self.aux_layer_ids) if fb.capture_aux else ()
+        capture = set(fb.aux_layer_ids)
         residual = None
         for i, layer in enumerate(self.layers):
             if residual is None:
@@ -130,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
             else:
                 residual = residual + h
             x = layer.input_layernorm(residual)
-            x = layer.self_attn(x, positions, fb, self.rotary, self.attn_backend)
+            x = layer.self_attn(x, positions, fb, self.rotary, fb.attn_backend)
             residual = residual + x
             h = layer.mlp(layer.post_attention_layernorm(residual))
             if i in capture:
@@ -138,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.norm(residual + h)
         if not aux:
             return hidden, None
-        return hidden, torch.cat([aux[i] for i in self.aux_layer_ids], dim=-1)  # [N, 3*H]
+        return hidden, torch.cat([aux[i] for i in fb.aux_layer_ids], dim=-1)  # [N, 3*H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -49,7 +49,7 @@ class EagleWorker:
         self.draft.requires_grad_(False)
         self.draft.rotary.cos_sin = self.draft.rotary.cos_sin.float()
         dc = self.draft.config
-        runner.model.aux_layer_ids = dc.resolved_aux_layer_ids(mc.num_layers)
+        runner.aux_layer_ids = tuple(dc.resolved_aux_layer_ids(mc.num_layers))
         steps, topk, ntok = self._spec_config(cfg, meta)
         if ntok > max_draft_tokens(steps, topk):
             raise ValueError(f"--speculative-num-draft-tokens {ntok} exceeds what {steps} steps of topk {topk} "

@@ -1,0 +1,261 @@
+"""EAGLE-3 speculative decoding: lossless greedy and sampling, checkpoint loading, engine features."""
+
+import math
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from serving.config import EngineConfig
+from serving.engine import Engine
+from serving.sampling import SamplingParams
+from specbundle import DraftConfig, Eagle3DraftModel
+from specbundle.checkpoint import save_draft
+from specbundle.config import DraftConfigError
+from tests.serving.conftest import tiny_target
+from tests.serving.server_utils import RunningServer
+
+CHAIN = dict(speculative_num_steps=3, speculative_eagle_topk=1, speculative_num_draft_tokens=4)
+TREE = dict(speculative_num_steps=5, speculative_eagle_topk=4, speculative_num_draft_tokens=16)
+
+
+def make_draft(hf, folder, draft_vocab=None, seed=0, sharpen=1.0):
+    torch.manual_seed(seed)
+    cfg = DraftConfig.for_target(hf.config, draft_vocab_size=draft_vocab)
+    draft = Eagle3DraftModel(cfg)
+    vocab = hf.config.vocab_size
+    if draft_vocab:
+        # Draft vocabulary: every other target id.
+        ids = torch.arange(draft_vocab) * (vocab // draft_vocab)
+        draft.d2t.copy_(ids - torch.arange(draft_vocab))
+        draft.t2d.zero_()
+        draft.t2d[ids] = True
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(sharpen)
+    save_draft(draft, folder, dtype=torch.float32)
+    return folder
+
+
+def sharpen_target(hf, factor):
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(factor)
+    return hf
+
+
+def prompts_for(vocab, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("vocab", [8, 256])
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_is_lossless(tmp_path, vocab, shape, batch):
+    hf, target = tiny_target(vocab=vocab, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=vocab // 2)
+    prompts = prompts_for(vocab, 8)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=4096), target).generate(prompts, params)
+    spec_cfg = EngineConfig(max_total_tokens=4096, max_running_requests=batch, speculative_draft_model_path=str(draft),
+                            **(CHAIN if shape == "chain" else TREE))
+    engine = Engine(spec_cfg, target)
+    spec = engine.generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    steps = sum(r.spec.num_verify_steps for r in spec)
+    accepted = sum(r.spec.num_accepted_tokens for r in spec)
+    assert steps > 0
+    assert sum(len(r.output_ids) for r in spec) <= steps + accepted + len(spec)  # prefill gives each request one
+    if vocab == 8 and shape == "tree":
+        assert accepted > steps * 0.5  # 4 children out of 8 tokens: many drafts hit; the accept path is exercised
+    assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+
+
+def test_spec_under_kv_pressure_chunking_and_prefix_cache(tmp_path):
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    shared = prompts_for(8, 1, seed=5)[0] * 4
+    prompts = [shared + p for p in prompts_for(8, 16, seed=1)]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=8192, disable_radix_cache=True), target).generate(prompts, params)
+    # Prompts are short next to the output: admitted requests outgrow the pool and must be preempted.
+    room_for_three = 3 * (max(len(p) for p in prompts) + 48 + 16)
+    engine = Engine(EngineConfig(max_total_tokens=room_for_three, chunked_prefill_size=16, max_running_requests=16,
+                                 speculative_draft_model_path=str(draft), **TREE), target)
+    spec = engine.generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert engine.num_preemptions > 0
+    assert any(r.cached_tokens > 0 for r in spec)
+    again = engine.generate(prompts[:4], params)  # served from the prefix cache now
+    assert [r.output_ids for r in again] == [r.output_ids for r in plain[:4]]
+    assert all(r.cached_tokens > 0 for r in again)
+
+
+def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run(tmp_path):
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    prompts = prompts_for(8, 6, seed=2)
+    plain_engine = Engine(EngineConfig(max_total_tokens=4096), target)
+    spec_engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
+    for engine in (plain_engine, spec_engine):
+        engine.eos_token_ids = frozenset([3])
+    for params in (SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=30, temperature=0),
+                   SamplingParams(max_tokens=30, temperature=0, stop=[" 5 1"], ignore_eos=True),
+                   SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[6], ignore_eos=True)):
+        plain = plain_engine.generate(prompts, params)
+        spec = spec_engine.generate(prompts, params)
+        assert [(r.output_ids, r.text, r.finish_reason) for r in spec] == \
+               [(r.output_ids, r.text, r.finish_reason) for r in plain]
+
+
+def _exact_two_token_distribution(hf, prompt, temperature):
+    with torch.no_grad():
+        first = torch.softmax(hf(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+        vocab = first.numel()
+        joint = torch.zeros(vocab, vocab, dtype=torch.float64)
+        for t in range(vocab):
+            second = torch.softmax(hf(torch.tensor([prompt + [t]])).logits[0, -1] / temperature, -1)
+            joint[t] = first[t].double() * second.double()
+    return joint.flatten()
+
+
+def _chi_square(counts, probs, min_expected=5.0):
+    """Pearson statistic over cells with enough expected mass (the rest pooled); returns (stat, dof)."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
+
+
+def _critical(dof, z=3.09):
+    """Upper 0.1% point of chi-square(dof), Wilson-Hilferty approximation."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_sampling_keeps_the_target_distribution(tmp_path):
+    from serving.models.loader import target_from_hf_model
+    from tests.serving.conftest import IdTokenizer
+
+    hf, _ = tiny_target(vocab=8, layers=4, seed=3)
+    sharpen_target(hf, 6.0)  # peaked enough to be far from uniform, flat enough for ~60 populated cells
+    target = target_from_hf_model(hf, IdTokenizer())
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=8, seed=7, sharpen=30.0)
+    prompt = [1, 5, 2]
+    probs = _exact_two_token_distribution(hf, prompt, temperature=1.0)
+    engine = Engine(EngineConfig(max_total_tokens=65536, max_running_requests=128, speculative_max_batch_size=128,
+                                 speculative_draft_model_path=str(draft), **TREE), target)
+    n = 4000
+
+    def draw():
+        params = [SamplingParams(max_tokens=2, temperature=1.0, seed=i, ignore_eos=True) for i in range(n)]
+        counts = torch.zeros(64, dtype=torch.float64)
+        reqs = engine.generate([prompt] * n, params)
+        assert all(r.spec.num_verify_steps == 1 for r in reqs)  # the second token always came from a verify step
+        for r in reqs:
+            counts[r.output_ids[0] * 8 + r.output_ids[1]] += 1
+        return counts
+
+    stat, dof = _chi_square(draw(), probs)
+    assert stat < _critical(dof), (stat, dof)
+
+    # A sampler that trusts the draft (always accepts the first child) must be caught by the same test.
+    worker = engine.spec_worker
+    honest = worker._verify_sampling
+
+    def trusting(candidates, r_index, r_next, r_sib, draft_probs, target_probs, coins, final, num_spec):
+        first_child = r_next.clamp_min(0)
+        agree = torch.where(r_next >= 0, candidates.gather(1, first_child), target_probs.argmax(-1))
+        return worker._verify_greedy(candidates, r_index, r_next, r_sib, agree, num_spec)
+
+    worker._verify_sampling = trusting
+    try:
+        biased = draw()
+    finally:
+        worker._verify_sampling = honest
+    stat_b, dof_b = _chi_square(biased, probs)
+    assert stat_b > _critical(dof_b), (stat_b, dof_b)
+
+
+def test_specforge_layout_checkpoint_loads_and_bad_ones_are_named(tmp_path):
+    hf, target = tiny_target(vocab=256, layers=6)
+    cfg = hf.config
+    h, inter, heads, kv, hd = cfg.hidden_size, cfg.intermediate_size, 4, 2, 16
+    dv = 64
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": h,
+        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "num_hidden_layers": 1, "vocab_size": 256, "draft_vocab_size": dv, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 1024, "hidden_act": "silu", "tie_word_embeddings": False,
+        "torch_dtype": "float32", "target_hidden_size": h,
+    }
+    g = torch.Generator().manual_seed(0)
+    w = {
+        "fc.weight": (h, 3 * h), "midlayer.self_attn.q_proj.weight": (heads * hd, 2 * h),
+        "midlayer.self_attn.k_proj.weight": (kv * hd, 2 * h), "midlayer.self_attn.v_proj.weight": (kv * hd, 2 * h),
+        "midlayer.self_attn.o_proj.weight": (h, heads * hd), "midlayer.mlp.gate_proj.weight": (inter, h),
+        "midlayer.mlp.up_proj.weight": (inter, h), "midlayer.mlp.down_proj.weight": (h, inter),
+        "midlayer.hidden_norm.weight": (h,), "midlayer.input_layernorm.weight": (h,),
+        "midlayer.post_attention_layernorm.weight": (h,), "norm.weight": (h,), "lm_head.weight": (dv, h),
+    }
+    state = {k: torch.randn(*s, generator=g) * 0.05 for k, s in w.items()}
+    ids = torch.arange(dv) * 4
+    state["d2t"] = ids - torch.arange(dv)
+    t2d = torch.zeros(256, dtype=torch.bool)
+    t2d[ids] = True
+    state["t2d"] = t2d
+
+    def write(folder, st, conf):
+        import json
+
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(conf))
+        save_file(st, str(folder / "model.safetensors"))
+        return str(folder)
+
+    good = write(tmp_path / "good", state, config)
+    engine = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=good, **CHAIN), target)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    out = engine.generate([[1, 2, 3]], params)[0]
+    plain = Engine(EngineConfig(max_total_tokens=2048), target).generate([[1, 2, 3]], params)[0]
+    assert out.output_ids == plain.output_ids and out.spec.num_verify_steps > 0
+
+    missing = dict(state)
+    del missing["midlayer.mlp.up_proj.weight"]
+    bad_shape = dict(state)
+    bad_shape["fc.weight"] = torch.zeros(h, 2 * h)
+    cases = {
+        "missing": (write(tmp_path / "missing", missing, config), "midlayer.mlp.up_proj.weight"),
+        "shape": (write(tmp_path / "shape", bad_shape, config), "fc.weight"),
+        "hidden": (write(tmp_path / "hidden", state, {**config, "target_hidden_size": 2 * h}), "target_hidden_size"),
+    }
+    for name, (folder, needle) in cases.items():
+        with pytest.raises(DraftConfigError) as e:
+            Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=folder, **CHAIN), target)
+        assert needle in str(e.value), (name, str(e.value))
+
+
+def test_server_reports_spec_decoding_and_metrics(tmp_path):
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
+    with RunningServer(engine) as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": engine.model_name, "prompt": [1, 2, 3],
+                                                              "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+        body = r.json()
+        spec = body["spec_decoding"]
+        assert set(spec) == {"accept_length", "num_verify_steps", "num_draft_tokens", "num_accepted_tokens"}
+        assert spec["num_draft_tokens"] == spec["num_verify_steps"] * 15
+        assert spec["accept_length"] == pytest.approx(
+            (spec["num_accepted_tokens"] + spec["num_verify_steps"]) / spec["num_verify_steps"], abs=1e-3)
+        metrics = httpx.get(server.url + "/metrics").text
+        for name in ("spec_accept_length", "spec_accept_rate", "spec_accepted_tokens_per_position_total",
+                     "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+            assert name in metrics
+        value = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("spec_accept_length ")]
+        assert value and value[0] > 1.0
