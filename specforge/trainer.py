@@ -363,6 +363,9 @@ class Trainer:
         if not args.is_online and list(cfg.aux_layer_ids) != list(self.offline_aux_ids):
             raise DraftConfigError(f"the draft wants aux layers {cfg.aux_layer_ids} but the hidden states were "
                                    f"captured at {self.offline_aux_ids}")
+        if args.max_length > cfg.max_position_embeddings:
+            raise DraftConfigError(f"--max-length {args.max_length} exceeds the draft's max_position_embeddings "
+                                   f"({cfg.max_position_embeddings})")
         self.draft_config = cfg
         torch.manual_seed(args.seed)  # identical initialization on every rank
         draft = Eagle3DraftModel(cfg)

@@ -46,6 +46,15 @@ def make_dataset(folder: Path, n: int = 40, seed: int = 1, bad_row: bool = False
     return folder
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread avoids OpenMP barrier stalls when the shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("sf")
