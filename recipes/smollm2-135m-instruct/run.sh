@@ -4,15 +4,15 @@
 #   bash recipes/smollm2-135m-instruct/run.sh 2          # two GPUs on this host
 #   bash recipes/smollm2-135m-instruct/run.sh 1 --resume # continue from outputs/.../latest
 # Extra arguments go to `specforge train` and win over config.json. The draft lands in
-# outputs/smollm2-135m-instruct-eagle3/epoch_0_step_<S>/ (and `latest` names the newest).
+# outputs/smollm2-135m-instruct-eagle3/epoch_<E>_step_3000/ (and `latest` names the newest).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NUM_GPUS="${1:-1}"
 shift || true
-DATA=cache/data/sharegpt-24k.jsonl
+DATA=cache/data/sharegpt.jsonl
 mkdir -p cache/data
 if [ ! -s "$DATA" ]; then
-    specforge prepare-data sharegpt --output "$DATA" --limit 24000
+    specforge prepare-data sharegpt --output "$DATA"
 fi
 exec torchrun --standalone --nproc_per_node "$NUM_GPUS" -m specforge.cli train \
     --config recipes/smollm2-135m-instruct/config.json "$@"
