@@ -248,3 +248,15 @@ def test_online_training_from_chat_jsonl_with_the_smollm2_tokenizer(tmp_path):
     assert int(draft.t2d.sum()) == 512
     digits = tokenizer.convert_tokens_to_ids(["0", "1", "2"])
     assert all(draft.t2d[d] for d in digits)  # the assistant's most frequent tokens made the draft vocabulary
+
+
+def test_ckpt_dir_starts_from_a_published_draft(assets, tmp_path):
+    first = tmp_path / "first"
+    assert main(common(assets, first, "--data-path", str(assets["data"]), "--max-num-steps", "2")) == 0
+    src = first / "epoch_0_step_2"
+    again = tmp_path / "again"
+    assert main(common(assets, again, "--data-path", str(assets["data"]), "--ckpt-dir", str(src),
+                       "--max-num-steps", "1", "--learning-rate", "1e-9")) == 0
+    a, b = load_draft(src), load_draft(again / "epoch_0_step_1")
+    assert torch.equal(a.t2d, b.t2d) and torch.equal(a.d2t, b.d2t)
+    torch.testing.assert_close(a.fc.weight, b.fc.weight)  # a 1e-9 step leaves the bf16 weights where they were
