@@ -379,7 +379,14 @@ class Trainer:
         if args.resume:
             latest = train_state.find_latest(self.out)
             if latest is not None:
-                master = load_file(str(latest / train_state.STATE_DIR / "draft_fp32.safetensors"))
+                path = latest / train_state.STATE_DIR / "draft_fp32.safetensors"
+                try:
+                    master = load_file(str(path))
+                except Exception as e:  # safetensors raises its own error types for missing/corrupt files
+                    raise train_state.CheckpointError(f"cannot read the draft's master weights {path}: {e}") from e
+                missing = [k for k in draft.state_dict() if k not in master and not k.startswith("rotary.")]
+                if missing:
+                    raise train_state.CheckpointError(f"{path} lacks {', '.join(missing)}")
                 draft.load_state_dict(master, strict=False)
         draft = draft.to(self.device)
         self.t2d = draft.t2d.clone()
@@ -419,7 +426,9 @@ class Trainer:
                 f"{st['draft_accumulation_steps']}; resuming with {self.global_batch} x "
                 f"{self.args.draft_accumulation_steps} would change the data order (keep world size x batch size)")
         if self.engine is not None:
-            self.engine.load_checkpoint(str(state_dir / "deepspeed"), tag="state")
+            loaded, _ = self.engine.load_checkpoint(str(state_dir / "deepspeed"), tag="state")
+            if loaded is None:
+                raise train_state.CheckpointError(f"no DeepSpeed state in {state_dir / 'deepspeed'}")
         else:
             self._load_optimizer(train_state.load_optimizer_state(state_dir))
         self.scheduler.load_state_dict(st["scheduler"])

@@ -180,6 +180,9 @@ def test_bad_inputs_fail_with_clear_errors(assets, tmp_path):
     (out / "epoch_0_step_2" / "training_state" / "trainer_state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume"))
+    (out / "epoch_0_step_2" / "training_state" / "draft_fp32.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="draft_fp32.safetensors"):
+        main(common(assets, out, "--data-path", str(assets["data"]), "--resume"))
 
 
 def test_recipe_configs_name_only_real_flags():
