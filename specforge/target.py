@@ -189,7 +189,7 @@ class TargetModel:
         else:
             aux = [captured[f"aux{i}"] for i in self.aux_layer_ids]
         return TargetOutput(
-            aux_hidden=torch.cat(aux, dim=-1),
+            aux_hidden=torch.cat([a.to(aux[0].device) for a in aux], dim=-1),  # layers may sit on several GPUs
             last_hidden=out.last_hidden_state if decoder_only else captured["last"],
             logits=out.logits if with_logits else None,
         )
