@@ -304,8 +304,11 @@ class Trainer:
             self._resume()
         self.writer = None
         if self.dist.is_main and args.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("--report-to tensorboard needs the tensorboard package (pip install tensorboard); "
+                                   "or pass --report-to none") from e
             self.writer = SummaryWriter(str(self.out / "runs"))
 
     # -- setup
