@@ -57,6 +57,8 @@ class Engine:
             from serving.speculative.eagle_worker import EagleWorker
 
             self.spec_worker = EagleWorker(self)
+        self.runner.init_cuda_graphs()
+        self.cuda_sync = torch.cuda.synchronize if self.device.type == "cuda" else None
 
     # --- public API (thread-safe) -----------------------------------------------------------------------------
 
@@ -334,10 +336,9 @@ class Engine:
         slots = slots[: len(self.running)]
         reqs = list(self.running)
         fb = self.runner.build_decode(reqs, slots, capture_aux=self.spec_worker is not None)
-        hidden, aux = self.runner.forward(fb)
+        logits, hidden, aux = self.runner.decode(fb)
         for req, s in zip(reqs, slots):
             req.slots = torch.cat([req.slots, s.view(1)])
-        logits = self.runner.model.compute_logits(hidden)
         tokens = sample(logits, [r.params for r in reqs], [len(r.output_ids) for r in reqs])
         if self.spec_worker is not None:
             self.spec_worker.after_plain_decode(fb, reqs, hidden, aux, tokens)

@@ -112,7 +112,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if fb.mode.is_decode and self.graph_runner is not None and self.graph_runner.can_run(fb):
-            return self.graph_runner.replay(fb)
+        """Eager forward: (final hidden [N, H], aux hidden [N, 3H] or None)."""
         self.backend.init_forward_metadata(fb)
         return self.model(fb)
+
+    @torch.inference_mode()
+    def decode(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decode step (CUDA graph when captured): (logits [B, V] fp32, hidden [B, H], aux or None)."""
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return self.graph_runner.replay(fb)
+        hidden, aux = self.forward(fb)
+        return self.model.compute_logits(hidden), hidden, aux
+
+    def init_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
+            return
+        from serving.cuda_graph_runner import CudaGraphRunner
+
+        self.graph_runner = CudaGraphRunner(self, min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests))

@@ -1,0 +1,25 @@
+"""Triton attention backend (default on CUDA): paged decode with split-KV, extend/verify with a tree mask.
+Nothing here reads device values on the host, so decode and verify can be captured in CUDA graphs."""
+
+from __future__ import annotations
+
+from kernels import decode_attention, extend_attention, store_kv
+from serving.attention.base import AttentionBackend
+
+
+class TritonAttentionBackend(AttentionBackend):
+    num_kv_splits = 8
+
+    def _store(self, k, v, layer_id, fb):
+        store_kv(self.k_cache[layer_id], self.v_cache[layer_id], fb.out_cache_loc, k, v)
+
+    def forward_decode(self, q, k, v, layer_id, fb):
+        self._store(k, v, layer_id, fb)
+        return decode_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], self.req_to_token,
+                                fb.req_pool_indices, fb.seq_lens, self.scale, num_kv_splits=self.num_kv_splits)
+
+    def forward_extend(self, q, k, v, layer_id, fb):
+        self._store(k, v, layer_id, fb)
+        return extend_attention(q, k, v, self.k_cache[layer_id], self.v_cache[layer_id], self.req_to_token,
+                                fb.req_pool_indices, fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc,
+                                fb.max_extend_len, self.scale, custom_mask=fb.custom_mask)
