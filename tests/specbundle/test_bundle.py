@@ -144,7 +144,7 @@ def test_card_front_matter_and_results(tiny_bundle):
 def test_packaged_smollm2_bundle():
     meta = BundleMetadata.from_file(PACKAGED)
     assert meta.trained is False and meta.target_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert meta.aux_layer_ids == [1, 14, 26] and meta.draft_vocab_size == 32000
+    assert meta.aux_layer_ids == [1, 14, 26] and meta.draft_vocab_size == 8192
     report = verify_bundle(PACKAGED, TargetInfo("HuggingFaceTB/SmolLM2-135M-Instruct", 576, 49152, 30))
     cfg = report.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (576, 9, 3, 64)
