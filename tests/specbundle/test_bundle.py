@@ -151,7 +151,7 @@ def test_packaged_smollm2_bundle():
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.rope_theta, cfg.rms_norm_eps) == (1536, 49152, 100000.0, 1e-5)
     assert cfg.max_position_embeddings == 8192
     shapes = read_shapes(PACKAGED)
-    assert shapes["fc.weight"] == (576, 3 * 576) and shapes["lm_head.weight"] == (32000, 576)
+    assert shapes["fc.weight"] == (576, 3 * 576) and shapes["lm_head.weight"] == (8192, 576)
     assert "Untrained placeholder" in (PACKAGED / "README.md").read_text()
     model = load_draft(PACKAGED, target_hidden_size=576, target_vocab_size=49152)
     assert int(model.t2d.sum()) == 32000 and int(model.d2t.abs().sum()) == 0
