@@ -154,7 +154,7 @@ def test_packaged_smollm2_bundle():
     assert shapes["fc.weight"] == (576, 3 * 576) and shapes["lm_head.weight"] == (8192, 576)
     assert "Untrained placeholder" in (PACKAGED / "README.md").read_text()
     model = load_draft(PACKAGED, target_hidden_size=576, target_vocab_size=49152)
-    assert int(model.t2d.sum()) == 32000 and int(model.d2t.abs().sum()) == 0
+    assert int(model.t2d.sum()) == 8192 and int(model.d2t.abs().sum()) == 0
 
 
 def test_placeholder_script_reproduces_the_packaged_bundle(tmp_path):
