@@ -1,0 +1,222 @@
+"""GPU engine benchmark: copy bandwidth, SmolLM2 non-speculative decode, GPU-vs-reference greedy agreement,
+Llama-3.1-8B-shaped step costs and the transformers baseline, in one run. Prints a table, writes JSON.
+
+    python benchmarks/bench_gpu.py --out gpu.json [--skip-hf] [--num-prompts 20] [--max-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (median of do_bench)."""
+    import triton
+
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * n / (ms * 1e-3)
+
+
+def _prompts(engine, n):
+    from serving.bench import load_prompts
+
+    return load_prompts("mtbench", n, engine.tokenizer)
+
+
+def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
+    """Batch 1, greedy, one request after another; output tokens / wall time (Python overhead included)."""
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+
+    engine = Engine(EngineConfig(max_running_requests=1, dtype="bfloat16"))
+    prompts = _prompts(engine, n_prompts)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=32, temperature=0))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    reqs = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.output_ids) for r in reqs)
+    graph_ms = _graph_step_ms(engine)
+    return {"prompts": len(prompts), "output_tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
+            "graph_replay_ms_bs1": graph_ms}
+
+
+def _graph_step_ms(engine) -> float | None:
+    gr = engine.runner.graph_runner
+    if gr is None:
+        return None
+    g = gr.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        g.replay()
+    start.record()
+    for _ in range(50):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 50
+
+
+def greedy_agreement(n_prompts: int, tokens: int) -> dict:
+    """GPU path (Triton + CUDA graphs) against the torch reference backend: fp32 exact, bf16 per-prompt."""
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    ref = Engine(EngineConfig(dtype="float32", attention_backend="torch", disable_cuda_graph=True,
+                              max_running_requests=8))
+    prompts = _prompts(ref, n_prompts)
+    ref_out = [r.output_ids for r in ref.generate(prompts, params)]
+    del ref
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        eng = Engine(EngineConfig(dtype=dtype, max_running_requests=8))
+        got = [r.output_ids for r in eng.generate(prompts, params)]
+        out[dtype] = sum(a == b for a, b in zip(got, ref_out))
+        del eng
+    return {"prompts": len(prompts), "tokens": tokens, "fp32_identical": out["float32"],
+            "bf16_identical": out["bfloat16"]}
+
+
+def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
+    """Random weights in Llama-3.1-8B's shape (bf16): decode step at batch 1 against one read of the weights, and a
+    64-token tree forward against one decode step."""
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+    from serving.forward_batch import ForwardMode
+    from serving.models.llama import LlamaForCausalLM, TargetConfig
+    from serving.models.loader import LoadedTarget
+    from serving.sampling import SamplingParams
+
+    cfg = TargetConfig("llama", 4096, 32, 32, 8, 128, 14336, 128256, 1e-5, 500000.0, None, 8192, False, False, False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    model.rotary = type(model.rotary)(128, 8192, 500000.0).cuda()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tok = SimpleNamespace(eos_token_id=None, decode=lambda ids, skip_special_tokens=True: "")
+    target = LoadedTarget(model, tok, SimpleNamespace(eos_token_id=None), "llama8b-random", "llama8b-random", "x")
+    engine = Engine(EngineConfig(max_running_requests=1, max_total_tokens=16384, cuda_graph_max_bs=1), target)
+    prompt = torch.randint(0, 128000, (prompt_len,)).tolist()
+    reqs = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    decode_ms = _graph_step_ms(engine)
+    # 64-token tree forward (TARGET_VERIFY with a random tree mask) after the same prefix.
+    runner = engine.runner
+    from serving.request import Req
+
+    tree_req = Req("tree", prompt, SamplingParams())
+    tree_req.row = runner.req_to_token.alloc()
+    tree_req.slots = engine.allocator.alloc(prompt_len)  # prefix KV content does not change the cost
+    runner.req_to_token.write(tree_req.row, 0, tree_req.slots)
+    n = 64
+    slots = engine.allocator.alloc(n)
+    parent = torch.randint(0, 1, (n,))
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        parent[i] = torch.randint(0, i, (1,))
+        mask[i] |= mask[parent[i]]
+    mask[:, 0] = True
+    fb = runner.build_extend([tree_req], [slots], mode=ForwardMode.TARGET_VERIFY, tokens=[list(range(n))])
+    fb.custom_mask = mask[None].cuda()
+    for _ in range(3):
+        hidden, _ = runner.forward(fb)
+        model.compute_logits(hidden)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        hidden, _ = runner.forward(fb)
+        model.compute_logits(hidden)
+    end.record()
+    torch.cuda.synchronize()
+    tree_ms = start.elapsed_time(end) / 20
+    floor_ms = weight_bytes / copy_bw * 1e3
+    del reqs
+    return {"weight_bytes": weight_bytes, "weights_read_ms": floor_ms, "decode_step_ms": decode_ms,
+            "decode_over_floor": decode_ms / floor_ms, "tree64_forward_ms": tree_ms,
+            "tree64_over_decode": tree_ms / decode_ms, "prefix": prompt_len}
+
+
+def hf_baseline(n_prompts: int, max_tokens: int) -> dict:
+    from serving.bench import hf_generate_baseline, load_prompts
+    from serving.models.loader import resolve_model_path
+
+    from transformers import AutoTokenizer
+
+    folder, _ = resolve_model_path(None)
+    prompts = load_prompts("mtbench", n_prompts, AutoTokenizer.from_pretrained(str(folder)))
+    return hf_generate_baseline(None, prompts, max_tokens, torch.device("cuda"), "bfloat16")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--hf-prompts", type=int, default=3)
+    p.add_argument("--skip", default="", help="comma list of sections to skip: decode,agree,llama8b,hf")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    skip = set(args.skip.split(","))
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res["copy_bandwidth_Bps"] = bw = copy_bandwidth()
+    sections = [("decode", lambda: smollm2_decode(args.num_prompts, args.max_tokens)),
+                ("agree", lambda: greedy_agreement(args.num_prompts, 32)),
+                ("llama8b", lambda: llama8b_step_costs(bw)),
+                ("hf", lambda: hf_baseline(args.hf_prompts, args.max_tokens))]
+    for name, fn in sections:
+        if name in skip:
+            continue
+        try:
+            res[name] = fn()
+        except Exception as e:  # keep the other sections' numbers
+            import traceback
+
+            traceback.print_exc()
+            res[name] = {"error": repr(e)}
+        torch.cuda.empty_cache()
+        if args.out:
+            open(args.out, "w").write(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    print(f"\ncopy bandwidth: {bw / 1e12:.2f} TB/s")
+    d = res.get("decode", {})
+    if "tokens_per_s" in d:
+        print(f"SmolLM2 bf16 batch 1 greedy: {d['tokens_per_s']:.1f} tok/s ({d['output_tokens']} tokens), "
+              f"graph step {d['graph_replay_ms_bs1']:.3f} ms")
+    a = res.get("agree", {})
+    if "fp32_identical" in a:
+        print(f"greedy vs torch reference: fp32 {a['fp32_identical']}/{a['prompts']}, "
+              f"bf16 {a['bf16_identical']}/{a['prompts']} over {a['tokens']} tokens")
+    l8 = res.get("llama8b", {})
+    if "decode_step_ms" in l8:
+        print(f"Llama-8B shape: decode {l8['decode_step_ms']:.3f} ms = {l8['decode_over_floor']:.2f}x weight read; "
+              f"tree64 {l8['tree64_forward_ms']:.3f} ms = {l8['tree64_over_decode']:.2f}x decode")
+    h = res.get("hf", {})
+    if "output_tokens_per_s" in h:
+        print(f"transformers generate bf16: {h['output_tokens_per_s']:.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
