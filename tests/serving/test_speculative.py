@@ -14,7 +14,6 @@ from specbundle import DraftConfig, Eagle3DraftModel
 from specbundle.checkpoint import save_draft
 from specbundle.config import DraftConfigError
 from tests.serving.conftest import tiny_target
-from tests.serving.server_utils import RunningServer
 
 CHAIN = dict(speculative_num_steps=3, speculative_eagle_topk=1, speculative_num_draft_tokens=4)
 TREE = dict(speculative_num_steps=5, speculative_eagle_topk=4, speculative_num_draft_tokens=16)
@@ -241,6 +240,8 @@ def test_specforge_layout_checkpoint_loads_and_bad_ones_are_named(tmp_path):
 
 
 def test_server_reports_spec_decoding_and_metrics(tmp_path):
+    from tests.serving.server_utils import RunningServer
+
     hf, target = tiny_target(vocab=8, layers=6)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
     engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
