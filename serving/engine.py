@@ -35,6 +35,7 @@ class Engine:
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.random_seed)
         self.target = target or load_target(cfg.model, cfg.dtype, self.device, cfg.served_model_name)
+        self.target.model.to(self.device)
         self.target.model.requires_grad_(False)
         self.tokenizer = self.target.tokenizer
         self.runner = ModelRunner(cfg, self.target, self.device)
