@@ -52,7 +52,8 @@ def _decode_attention_block(
     )  # [BLOCK_N, BLOCK_D]
     if INTERPRET:
         k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+    # ieee: fp32 inputs would otherwise multiply in tf32 on the GPU (10-bit mantissa); ignored for fp16/bf16.
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -62,9 +63,9 @@ def _decode_attention_block(
         v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
     )
     if INTERPRET:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
 

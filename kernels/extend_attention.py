@@ -45,7 +45,8 @@ def _extend_attention_block(
     k = tl.load(k_rows_ptr + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     if INTERPRET:
         k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale  # [R, BLOCK_N], log2 units
+    # ieee: fp32 inputs would otherwise multiply in tf32 on the GPU (10-bit mantissa); ignored for fp16/bf16.
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [R, BLOCK_N], log2 units
     qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -53,9 +54,9 @@ def _extend_attention_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_rows_ptr + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     if INTERPRET:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
 
 

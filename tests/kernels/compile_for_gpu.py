@@ -22,6 +22,7 @@ activation, decode_attention, extend_attention, kv_store, norm, rope, speculativ
 )
 
 TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED_BYTES = 232448  # per block on sm_90 (227 KiB): more fails at launch with "out of resources"
 
 
 def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4, num_stages: int = 3) -> bool:
@@ -36,7 +37,7 @@ def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4,
         else:
             raise KeyError(f"{fn.__name__}: no type for argument {name}")
     try:
-        triton.compile(
+        compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=consts),
             target=TARGET,
             options={"num_warps": num_warps, "num_stages": num_stages},
@@ -44,7 +45,11 @@ def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4,
     except Exception as e:  # report every failing variant, not only the first
         print(f"FAIL {fn.__name__} {consts}: {e!r}"[:4000])
         return False
-    print(f"OK   {fn.__name__} {consts}")
+    shared = compiled.metadata.shared
+    if shared > MAX_SHARED_BYTES:
+        print(f"FAIL {fn.__name__} {consts}: needs {shared} bytes of shared memory")
+        return False
+    print(f"OK   {fn.__name__} {consts} shared={shared}")
     return True
 
 
@@ -54,7 +59,7 @@ def main() -> int:
         return 2
     ok = True
     bf = "*bf16"
-    for head_dim in (64, 128):
+    for head_dim, bf in ((64, "*bf16"), (128, "*bf16"), (128, "*fp32"), (128, "*fp16")):
         ok &= compile_variant(
             decode_attention._decode_attention_stage1_kernel,
             dict(
@@ -70,7 +75,7 @@ def main() -> int:
         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf),
         dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128),
     )
-    for group, block_m, mask in ((4, 32, True), (1, 64, False)):
+    for group, block_m, mask, bf in ((4, 32, True, "*bf16"), (1, 64, False, "*bf16"), (4, 32, True, "*fp32")):
         ok &= compile_variant(
             extend_attention._extend_attention_kernel,
             dict(
@@ -85,6 +90,7 @@ def main() -> int:
             num_warps=8 if group * block_m >= 128 else 4,
             num_stages=2,
         )  # fmt: skip
+    bf = "*bf16"
     ok &= compile_variant(
         kv_store._store_kv_kernel,
         dict(k_buffer_ptr=bf, v_buffer_ptr=bf, loc_ptr="*i64", k_ptr=bf, v_ptr=bf),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.decode_attention import decode_attention, decode_attention_ref
-from tests.kernels.paged import TOLERANCES, make_paged_cache
+from tests.kernels.paged import DEVICE, TOLERANCES, make_paged_cache, randn
 
 SEQ_LENS = [1, 7, 37, 123]
 
@@ -13,13 +13,13 @@ SEQ_LENS = [1, 7, 37, 123]
 def test_decode_attention_matches_reference(dtype, group, head_dim):
     num_kv_heads = 2
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(SEQ_LENS, num_kv_heads, head_dim, dtype)
-    seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32)
-    q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32, device=DEVICE)
+    q = randn(len(SEQ_LENS), num_kv_heads * group, head_dim, seed=1, dtype=dtype)
     scale = head_dim**-0.5
     out = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, num_kv_splits=3)
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
-    assert out.dtype == dtype and out.shape == q.shape
-    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("num_kv_splits", [1, 16])
@@ -27,38 +27,38 @@ def test_decode_attention_split_counts_and_out_buffer(num_kv_splits):
     """One split (whole length in one program) and more splits than blocks (empty splits) agree with the reference."""
     lens = [5, 123, 40]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 1, 64, torch.float32, seed=3)
-    seq_lens = torch.tensor(lens, dtype=torch.int64)
-    q = torch.randn(3, 4, 64)
+    seq_lens = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    q = randn(3, 4, 64, seed=4)
     out = torch.full_like(q, float("nan"))
     res = decode_attention(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, out=out, num_kv_splits=num_kv_splits
     )
     assert res is out
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
-    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
     # A hint below the real lengths only lowers the split count; splits then cover more blocks each.
     hinted = decode_attention(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, num_kv_splits=num_kv_splits,
         max_seq_len_hint=20,
     )  # fmt: skip
-    torch.testing.assert_close(hinted, ref, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(hinted.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
 def test_decode_attention_ignores_slots_past_seq_len():
     lens = [9]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32)
-    seq_lens = torch.tensor(lens)
-    q = torch.randn(1, 4, 64)
+    seq_lens = torch.tensor(lens, device=DEVICE)
+    q = randn(1, 4, 64, seed=5)
     before = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
     req_to_token[req_pool_indices[0], 9:] = req_to_token[req_pool_indices[0], 0]  # poison unused positions
     after = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
-    torch.testing.assert_close(before, after, atol=0, rtol=0)
+    torch.testing.assert_close(before.cpu(), after.cpu(), atol=0, rtol=0)
 
 
 def test_decode_attention_rejects_bad_arguments():
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache([4, 4], 2, 64, torch.float32)
-    q = torch.randn(2, 4, 64)
-    seq_lens = torch.tensor([4, 4])
+    q = randn(2, 4, 64)
+    seq_lens = torch.tensor([4, 4], device=DEVICE)
     with pytest.raises(ValueError, match="q has 3 heads"):
         decode_attention(q[:, :3], k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0)
     with pytest.raises(ValueError, match="k_buffer"):
@@ -73,8 +73,8 @@ def test_decode_attention_rejects_bad_arguments():
 def test_decode_attention_odd_groups_and_head_dims(num_kv_heads, group, head_dim):
     """SmolLM2's 9 query / 3 KV heads (group 3), and a group of 7 with a non-power-of-two head dim."""
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(SEQ_LENS, num_kv_heads, head_dim, torch.half)
-    seq_lens = torch.tensor(SEQ_LENS)
-    q = torch.randn(len(SEQ_LENS), num_kv_heads * group, head_dim).half()
+    seq_lens = torch.tensor(SEQ_LENS, device=DEVICE)
+    q = randn(len(SEQ_LENS), num_kv_heads * group, head_dim, seed=6, dtype=torch.half)
     out = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.1, num_kv_splits=2)
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.1)
-    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float16])
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float16])

@@ -2,29 +2,31 @@ import pytest
 import torch
 
 from kernels.extend_attention import extend_attention, extend_attention_ref
-from tests.kernels.paged import TOLERANCES, make_paged_cache
+from tests.kernels.paged import DEVICE, TOLERANCES, make_paged_cache, to_device
 
 
 def _packed_inputs(prefix, extend, num_kv_heads, group, head_dim, dtype, seed=0):
+    """extend_attention's keyword arguments for B = len(prefix) packed requests, every tensor on DEVICE."""
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(prefix, num_kv_heads, head_dim, dtype, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     num_tokens = sum(extend)
-    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
     extend_lens = torch.tensor(extend, dtype=torch.int32)
-    extend_start_loc = torch.cumsum(extend_lens, 0) - extend_lens
+    new_tokens = to_device(
+        dict(
+            q=torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype),
+            k=torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype),
+            v=torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype),
+            prefix_lens=torch.tensor(prefix, dtype=torch.int64),
+            extend_lens=extend_lens,
+            extend_start_loc=(torch.cumsum(extend_lens, 0) - extend_lens).to(torch.int32),
+        )
+    )
     return dict(
-        q=q,
-        k=k,
-        v=v,
+        **new_tokens,
         k_buffer=k_buffer,
         v_buffer=v_buffer,
         req_to_token=req_to_token,
         req_pool_indices=req_pool_indices,
-        prefix_lens=torch.tensor(prefix, dtype=torch.int64),
-        extend_lens=extend_lens,
-        extend_start_loc=extend_start_loc.to(torch.int32),
         max_extend_len=max(extend),
         sm_scale=head_dim**-0.5,
     )
@@ -38,11 +40,11 @@ def test_extend_attention_causal_matches_reference(dtype, group, head_dim):
     args = _packed_inputs([0, 37, 5, 123], [7, 23, 1, 9], 2, group, head_dim, dtype)
     out = extend_attention(**args)
     ref = extend_attention_ref(**args)
-    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
 
 
 def _tree_mask(batch, num_nodes, gen):
-    """Random trees: node i's parent is a random earlier node; node i sees itself and its ancestors."""
+    """Random trees: node i's parent is a random earlier node; node i sees itself and its ancestors (on DEVICE)."""
     mask = torch.zeros(batch, num_nodes, num_nodes, dtype=torch.bool)
     for b in range(batch):
         for i in range(num_nodes):
@@ -50,7 +52,7 @@ def _tree_mask(batch, num_nodes, gen):
             if i > 0:
                 parent = int(torch.randint(0, i, (1,), generator=gen))
                 mask[b, i] |= mask[b, parent]
-    return mask
+    return mask.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -63,7 +65,7 @@ def test_extend_attention_tree_mask_matches_reference(dtype, group, head_dim):
     mask = _tree_mask(3, num_nodes, torch.Generator().manual_seed(2))
     out = extend_attention(**args, custom_mask=mask)
     ref = extend_attention_ref(**args, custom_mask=mask)
-    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
     causal = extend_attention_ref(**args)
     assert (ref.float() - causal.float()).abs().max() > 0.05  # the tree mask is not the causal mask
 
@@ -72,19 +74,20 @@ def test_extend_attention_padded_mask_and_short_requests():
     """extend_lens below max_extend_len (the mask is padded to E x E) and an out= buffer."""
     args = _packed_inputs([4, 0, 30], [3, 9, 1], 2, 4, 64, torch.float32, seed=9)
     mask = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.5
-    mask |= torch.eye(9, dtype=torch.bool)
+    mask = (mask | torch.eye(9, dtype=torch.bool)).to(DEVICE)
     out = torch.full_like(args["q"], float("nan"))
     res = extend_attention(**args, custom_mask=mask, out=out)
     assert res is out
-    torch.testing.assert_close(out, extend_attention_ref(**args, custom_mask=mask), **TOLERANCES[torch.float32])
+    ref = extend_attention_ref(**args, custom_mask=mask)
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
 def test_extend_attention_rejects_bad_arguments():
     args = _packed_inputs([4, 4], [3, 3], 2, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="custom_mask"):
-        extend_attention(**args, custom_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+        extend_attention(**args, custom_mask=torch.ones(2, 4, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="custom_mask"):
-        extend_attention(**args, custom_mask=torch.ones(2, 3, 3, dtype=torch.int32))
+        extend_attention(**args, custom_mask=torch.ones(2, 3, 3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="extend_lens"):
         extend_attention(**{**args, "extend_lens": args["extend_lens"][:1]})
     with pytest.raises(ValueError, match="max_extend_len"):
@@ -102,4 +105,4 @@ def test_extend_attention_odd_groups_and_head_dims(num_kv_heads, group, head_dim
     mask = _tree_mask(2, 6, torch.Generator().manual_seed(1)) if tree else None
     out = extend_attention(**args, custom_mask=mask)
     ref = extend_attention_ref(**args, custom_mask=mask)
-    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float16])
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float16])

@@ -9,6 +9,7 @@ from kernels.speculative import (
     verify_tree_greedy,
     verify_tree_greedy_ref,
 )
+from tests.kernels.paged import DEVICE, to_device
 
 # A batch of two EAGLE trees (topk 4, depth 4, 8 draft tokens) whose expected encoding is known from SGLang's own
 # build_tree test: parent_list = concatenated parents of draft steps 0..2, selected_index = sorted top-7 indices of
@@ -22,11 +23,18 @@ SGL_SEQ_LENS = torch.tensor([5, 10])
 
 def _assert_all_equal(got, want):
     for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and torch.equal(g, w), (g, w)
+        assert g.dtype == w.dtype and torch.equal(g.cpu(), w.cpu()), (g, w)
+
+
+def _on_device(fn, *args, **kwargs):
+    """fn (a kernel or its reference) run on DEVICE copies of the tensor arguments; its outputs back on the CPU."""
+    out = fn(*to_device(args), **kwargs)
+    assert all(t.device.type == DEVICE.type for t in out)
+    return tuple(t.cpu() for t in out)
 
 
 def test_build_tree_matches_known_sglang_encoding():
-    out = build_tree(SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS, topk=4, depth=4, num_draft_tokens=8)
+    out = _on_device(build_tree, SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS, topk=4, depth=4, num_draft_tokens=8)
     tree_mask, positions, retrive_index, next_token, next_sibling = out
     assert positions.flatten().tolist() == [5, 6, 6, 7, 7, 8, 8, 9, 10, 11, 12, 12, 12, 12, 13, 14]
     assert retrive_index.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]
@@ -71,7 +79,7 @@ def test_build_tree_matches_reference_on_random_trees(topk, depth, num_draft_tok
     gen = torch.Generator().manual_seed(topk * 100 + depth)
     parent_list, selected_index = random_eagle_tree_inputs(3, topk, depth, num_draft_tokens, gen)
     seq_lens = torch.tensor([3, 17, 100])
-    out = build_tree(parent_list, selected_index, seq_lens, topk, depth, num_draft_tokens)
+    out = _on_device(build_tree, parent_list, selected_index, seq_lens, topk, depth, num_draft_tokens)
     ref = build_tree_ref(parent_list, selected_index, seq_lens, topk, depth, num_draft_tokens)
     _assert_all_equal(out, ref)
     tree_mask, positions = out[0], out[1]
@@ -83,16 +91,17 @@ def test_build_tree_matches_reference_on_random_trees(topk, depth, num_draft_tok
 
 def test_build_tree_out_buffers_and_bad_arguments():
     bufs = (
-        torch.empty(2, 8, 8, dtype=torch.bool),
-        *(torch.full((2, 8), 7, dtype=torch.int64) for _ in range(4)),
+        torch.empty(2, 8, 8, dtype=torch.bool, device=DEVICE),
+        *(torch.full((2, 8), 7, dtype=torch.int64, device=DEVICE) for _ in range(4)),
     )
-    out = build_tree(SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS, 4, 4, 8, out=bufs)
+    parent_list, selected_index, seq_lens = to_device((SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS))
+    out = build_tree(parent_list, selected_index, seq_lens, 4, 4, 8, out=bufs)
     assert all(a is b for a, b in zip(out, bufs))
     _assert_all_equal(out, build_tree_ref(SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS, 4, 4, 8))
     with pytest.raises(ValueError, match="selected_index"):
-        build_tree(SGL_PARENT_LIST, SGL_SELECTED_INDEX, SGL_SEQ_LENS, 4, 4, 9)
+        build_tree(parent_list, selected_index, seq_lens, 4, 4, 9)
     with pytest.raises(ValueError, match="parent_list"):
-        build_tree(SGL_PARENT_LIST.int(), SGL_SELECTED_INDEX, SGL_SEQ_LENS, 4, 4, 8)
+        build_tree(parent_list.int(), selected_index, seq_lens, 4, 4, 8)
 
 
 # Hand-built tree (the first SGLang tree): root -> {1, 2}; 1 -> 3 -> 5 -> 7; 2 -> 4 -> 6.
@@ -121,7 +130,7 @@ def test_verify_tree_greedy_hand_built_tree(impl):
             [55, 0, 0, 0, 0, 0, 0, 0],  # no child matches: only the bonus token
         ]
     )
-    predicts, accept_index, accept_length = impl(*tree, target_predict, 4)
+    predicts, accept_index, accept_length = _on_device(impl, *tree, target_predict, 4)
     assert accept_length.tolist() == [2, 3, 0]
     assert accept_index.tolist() == [[0, 2, 4, -1], [8, 9, 11, 13], [16, -1, -1, -1]]
     predicts = predicts.view(3, 8)
@@ -142,7 +151,7 @@ def test_verify_tree_greedy_matches_reference_on_random_trees():
     candidates = torch.randint(0, vocab, (batch, n), generator=gen)
     target_predict = torch.randint(0, vocab, (batch, n), generator=gen)
     args = (candidates, retrive_index, next_token, next_sibling, target_predict, depth + 1)
-    got, want = verify_tree_greedy(*args), verify_tree_greedy_ref(*args)
+    got, want = _on_device(verify_tree_greedy, *args), verify_tree_greedy_ref(*args)
     _assert_all_equal(got, want)
     assert want[2].max() >= 2  # the case exercises multi-token acceptance
 
@@ -163,8 +172,8 @@ def test_tree_speculative_sampling_hand_built_tree(impl):
     coins[0, 4] = 0.9  # 0.9 > 0.5 rejects 16; node 4's only child is exhausted
     coins[1, 0] = 0.95  # rejects both 11 and 12: correction from p without them, i.e. token 3
     final = torch.tensor([0.7, 0.3])  # request 0: residual at node 4 = {7: 0.5}, so token 7
-    predicts, accept_index, accept_length = impl(
-        candidates, retrive_index, next_token, next_sibling, None, target, coins, final, 5
+    predicts, accept_index, accept_length = _on_device(
+        impl, candidates, retrive_index, next_token, next_sibling, None, target, coins, final, 5
     )
     assert accept_length.tolist() == [2, 0]
     assert accept_index.tolist() == [[0, 2, 4, -1, -1], [8, -1, -1, -1, -1]]
@@ -201,14 +210,14 @@ def _random_sampling_case(batch, vocab, gen, with_draft):
 def test_tree_speculative_sampling_matches_reference(with_draft, thresholds):
     gen = torch.Generator().manual_seed(int(with_draft) + 10 * int(thresholds[0] * 10))
     args = _random_sampling_case(24, 37, gen, with_draft)
-    got = tree_speculative_sampling(*args, threshold_single=thresholds[0], threshold_acc=thresholds[1])
+    got = _on_device(tree_speculative_sampling, *args, threshold_single=thresholds[0], threshold_acc=thresholds[1])
     want = tree_speculative_sampling_ref(*args, threshold_single=thresholds[0], threshold_acc=thresholds[1])
     _assert_all_equal(got, want)
     assert want[2].max() >= 2 and want[2].min() == 0  # both long paths and immediate rejections are covered
 
 
 def test_tree_speculative_sampling_rejects_bad_arguments():
-    args = list(_random_sampling_case(2, 11, torch.Generator().manual_seed(0), False))
+    args = to_device(list(_random_sampling_case(2, 11, torch.Generator().manual_seed(0), False)))
     with pytest.raises(ValueError, match="target_probs"):
         tree_speculative_sampling(*args[:5], args[5].double(), *args[6:])
     with pytest.raises(ValueError, match="uniform_samples_for_final_sampling"):
@@ -272,7 +281,7 @@ def test_tree_speculative_sampling_is_lossless_chi_square():
     assert len(second) > 5_000 and _chi_square(second, p2) < CHI2_CRITICAL_DF7
 
     head = [a[:64] for a in no_draft[:4]] + [None] + [a[:64] for a in no_draft[5:]]
-    _assert_all_equal(tree_speculative_sampling(*head, 3), tree_speculative_sampling_ref(*head, 3))
+    _assert_all_equal(_on_device(tree_speculative_sampling, *head, 3), tree_speculative_sampling_ref(*head, 3))
 
 
 def test_chi_square_catches_biased_samplers():
@@ -308,8 +317,8 @@ def test_tree_speculative_sampling_removes_rejected_tokens_across_vocab_blocks(i
     target[0, 0, [5, 1500, 2999, 2000]] = torch.tensor([0.3, 0.3, 0.3, 0.1])
     coins = torch.full((1, 4), 0.95)  # above 0.3 + 0.3 + 0.3: every child is rejected
     for final in (0.0, 0.5, 0.999):
-        predicts, accept_index, accept_length = impl(
-            candidates, retrive_index, next_token, next_sibling, None, target, coins, torch.tensor([final]), 2
+        predicts, accept_index, accept_length = _on_device(
+            impl, candidates, retrive_index, next_token, next_sibling, None, target, coins, torch.tensor([final]), 2
         )
         assert accept_length.tolist() == [0] and accept_index.tolist() == [[0, -1]]
         assert predicts[0].item() == 2000
@@ -331,8 +340,8 @@ def test_tree_speculative_sampling_bonus_ignores_draft_only_at_full_depth(impl):
     coins = torch.full((1, 3), 0.5)
     final = torch.tensor([0.2])  # on p: token 3; on relu(p - q) = {4: 0.5}: token 4
     for num_spec, bonus in ((3, 3), (4, 4)):
-        predicts, accept_index, accept_length = impl(
-            candidates, retrive_index, next_token, next_sibling, draft, target, coins, final, num_spec
+        predicts, accept_index, accept_length = _on_device(
+            impl, candidates, retrive_index, next_token, next_sibling, draft, target, coins, final, num_spec
         )
         assert accept_length.tolist() == [2]
         assert accept_index[0, :3].tolist() == [0, 1, 2]
