@@ -2,8 +2,9 @@
 
 Measures the device copy bandwidth, then times `decode_attention` (one token per request over a 4096-token paged
 prefix) and tree-verify `extend_attention` (64 tree tokens per request under a tree mask, same prefix) in bf16 at
-batch 8 and 32, next to torch's scaled_dot_product_attention on K/V already gathered into [B, H, L, D] with the
-same mask. Each kernel result is checked against the package's torch reference. Achieved bandwidth counts the
+batch 8 and 32, each with the wrapper's own KV-split choice ("auto", the count it picked in brackets) and with a
+few explicit split counts, next to torch's scaled_dot_product_attention on K/V already gathered into [B, H, L, D]
+with the same mask. Each kernel result is checked against the package's torch reference. Achieved bandwidth counts the
 bytes that must move at least once (K/V of the prefix and the new tokens, q, out, slot indices) and is reported
 as a share of the copy bandwidth.
 
@@ -16,6 +17,7 @@ Prints a table, writes JSON, and exits 1 if any case failed its correctness chec
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -81,7 +83,28 @@ def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def auto_decode_splits(batch: int, prefix: int, device: torch.device) -> int:
+    """The split count decode_attention picks for num_kv_splits=None (same inputs as the wrapper)."""
+    from kernels._common import num_sms
+
+    module = importlib.import_module("kernels.decode_attention")  # `kernels` re-exports the function by that name
+    block_n = module.BLOCK_N_GPU if device.type == "cuda" else 16
+    return module.choose_num_kv_splits(batch, NUM_KV_HEADS, prefix, block_n, num_sms(device))
+
+
+def auto_extend_splits(batch: int, prefix: int, tree_tokens: int, device: torch.device) -> int:
+    """The split count extend_attention picks for num_kv_splits=None (same inputs as the wrapper)."""
+    from kernels._common import num_sms
+
+    module = importlib.import_module("kernels.extend_attention")
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    _, block_m, block_n = module.block_sizes(group, HEAD_DIM, tree_tokens, device.type != "cuda")
+    num_m_blocks = -(-tree_tokens // block_m)
+    return module.choose_num_kv_splits(batch, NUM_KV_HEADS, num_m_blocks, prefix, block_n, num_sms(device))
+
+
 def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
+    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     from kernels import decode_attention, decode_attention_ref
 
     dev = gen.device
@@ -116,7 +139,8 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
         "batch": batch,
         "prefix": prefix,
         "query_tokens": 1,
-        "num_kv_splits": num_kv_splits,
+        "auto_splits": num_kv_splits is None,
+        "num_kv_splits": auto_decode_splits(batch, prefix, dev) if num_kv_splits is None else num_kv_splits,
         "bytes": nbytes,
         "time_us": ms * 1e3,
         "GBps": nbytes / (ms * 1e-3) / 1e9,
@@ -142,7 +166,8 @@ def random_tree_mask(batch, num_nodes, gen) -> torch.Tensor:
     return mask
 
 
-def bench_tree_verify(batch, prefix, tree_tokens, warmup, rep, gen, dtype) -> dict:
+def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype) -> dict:
+    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     from kernels import extend_attention, extend_attention_ref
 
     dev = gen.device
@@ -163,7 +188,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, warmup, rep, gen, dtype) -> di
     )  # fmt: skip
 
     def run():
-        extend_attention(*args, custom_mask=tree_mask, out=out)
+        extend_attention(*args, custom_mask=tree_mask, out=out, num_kv_splits=num_kv_splits, max_prefix_len_hint=prefix)
 
     run()
     ref = extend_attention_ref(*args, custom_mask=tree_mask)
@@ -192,7 +217,10 @@ def bench_tree_verify(batch, prefix, tree_tokens, warmup, rep, gen, dtype) -> di
         "batch": batch,
         "prefix": prefix,
         "query_tokens": tree_tokens,
-        "num_kv_splits": None,
+        "auto_splits": num_kv_splits is None,
+        "num_kv_splits": (
+            auto_extend_splits(batch, prefix, tree_tokens, dev) if num_kv_splits is None else num_kv_splits
+        ),
         "bytes": nbytes,
         "time_us": ms * 1e3,
         "GBps": nbytes / (ms * 1e-3) / 1e9,
@@ -207,7 +235,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, warmup, rep, gen, dtype) -> di
 def print_table(copy: dict, rows: list[dict]) -> None:
     print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s\n")
     header = (
-        f"{'kernel':<32}{'B':>4}{'splits':>7}{'us':>10}{'GB/s':>8}{'%copy':>7}"
+        f"{'kernel':<32}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
         f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
     )
     print(header)
@@ -216,9 +244,9 @@ def print_table(copy: dict, rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['kernel']:<32}{r['batch']:>4}  ERROR: {r['error']}")
             continue
-        splits = "-" if r["num_kv_splits"] is None else str(r["num_kv_splits"])
+        splits = f"auto({r['num_kv_splits']})" if r.get("auto_splits") else str(r["num_kv_splits"])
         print(
-            f"{r['kernel']:<32}{r['batch']:>4}{splits:>7}{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
+            f"{r['kernel']:<32}{r['batch']:>4}{splits:>10}{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
             f"{r['pct_of_copy']:>7.1f}{r['sdpa_time_us']:>10.1f}{r['sdpa_pct_of_copy']:>8.1f}"
             f"{r['speedup_vs_sdpa']:>9.2f}{r['max_abs_err']:>10.2e}  {'yes' if r['ok'] else 'NO'}"
         )
@@ -233,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
     done = [r for r in rows if "error" not in r]
     labels = [
         f"{'decode' if r['query_tokens'] == 1 else 'tree verify'}\nB={r['batch']}"
-        + (f" s={r['num_kv_splits']}" if r["num_kv_splits"] else "")
+        + (f" s=auto({r['num_kv_splits']})" if r.get("auto_splits") else f" s={r['num_kv_splits']}")
         for r in done
     ]
     x = range(len(done))
@@ -253,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="8,32")
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--tree-tokens", type=int, default=64)
-    parser.add_argument("--num-kv-splits", default="8,16", help="decode split counts to time, comma-separated")
+    parser.add_argument(
+        "--num-kv-splits", default="auto,16,32", help="decode split counts to time, comma-separated (auto: the default)"
+    )
+    parser.add_argument(
+        "--extend-kv-splits", default="auto,1,8", help="tree-verify prefix split counts to time (auto: the default)"
+    )
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
     parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
@@ -274,21 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    split_counts = [int(s) for s in args.num_kv_splits.split(",") if s]
+
+    def parse_splits(text: str) -> list[int | None]:
+        return [None if s == "auto" else int(s) for s in text.split(",") if s]
+
+    decode_splits, extend_splits = parse_splits(args.num_kv_splits), parse_splits(args.extend_kv_splits)
     gen = torch.Generator(device=args.device).manual_seed(0)
     # bf16 on the GPU; the interpreter mis-computes bf16 dots, so the CPU smoke test uses fp16.
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16
 
     copy = copy_bandwidth(args.copy_mib << 20, args.warmup, args.rep, args.device)
     rows: list[dict] = []
-    cases = [("decode_attention", b, s) for b in batch_sizes for s in split_counts]
-    cases += [("extend_attention (tree verify)", b, None) for b in batch_sizes]
+    cases = [("decode_attention", b, s) for b in batch_sizes for s in decode_splits]
+    cases += [("extend_attention (tree verify)", b, s) for b in batch_sizes for s in extend_splits]
     for name, batch, splits in cases:
         try:
-            if splits is not None:
+            if name == "decode_attention":
                 row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype)
             else:
-                row = bench_tree_verify(batch, args.prefix, args.tree_tokens, args.warmup, args.rep, gen, dtype)
+                row = bench_tree_verify(batch, args.prefix, args.tree_tokens, splits, args.warmup, args.rep, gen, dtype)
             row["pct_of_copy"] = 100 * row["GBps"] / copy["GBps"]
             row["sdpa_pct_of_copy"] = 100 * row["sdpa_GBps"] / copy["GBps"]
             row["speedup_vs_sdpa"] = row["sdpa_time_us"] / row["time_us"]

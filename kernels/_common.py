@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -44,6 +46,21 @@ def check_out(name: str, out: torch.Tensor | None, shape: tuple[int, ...], dtype
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a cached host query: no sync, fine during graph capture).
+
+    For CPU tensors (the interpreter runs programs one after another) a nominal 4, so that split heuristics still
+    give a few splits there."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def on_interpreter(t: torch.Tensor) -> bool:

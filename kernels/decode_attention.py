@@ -3,6 +3,10 @@
 Stage 1: one program per (request, KV head, KV split) processes the whole group of query heads that share the KV
 head, so each K/V block is read once per KV head, and writes a partial output and its log-sum-exp.
 Stage 2: one program per (request, query head) merges the splits.
+
+The split count fixes the grid, so it is chosen on the host from python ints only (batch, heads, a length bound
+and the SM count): `choose_num_kv_splits`. Within a request the splits divide its actual length, so a short request
+just has short splits.
 """
 
 from __future__ import annotations
@@ -11,9 +15,33 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, on_interpreter
+from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, num_sms, on_interpreter
 
 _LOG2E = 1.4426950408889634
+
+
+# Decode launch configuration on CUDA: keys per block, and stage-1 warps / pipeline depth (K/V two blocks ahead).
+BLOCK_N_GPU = 64
+NUM_WARPS_GPU = 4
+NUM_STAGES_GPU = 3
+# Aim for this many stage-1 programs per SM (several resident at once, several waves: short tails), but give
+# every split at least MIN_BLOCKS_PER_SPLIT blocks, so the partial outputs stay small next to the K/V read.
+PROGRAMS_PER_SM = 32
+MIN_BLOCKS_PER_SPLIT = 2
+MAX_KV_SPLITS = 64
+
+
+def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int) -> int:
+    """KV splits for a stage-1 grid of batch x num_kv_heads x splits (host ints only: safe under graph capture).
+
+    Enough programs to fill the GPU several times over, whole blocks per split, no split that would be empty at
+    max_seq_len. E.g. 132 SMs, 8 KV heads, 4096 keys in blocks of 64: batch 8 -> 32 splits, batch 32 -> 16.
+    """
+    num_blocks = max(1, -(-max_seq_len // block_n))
+    wanted = -(-(sm_count * PROGRAMS_PER_SM) // max(1, batch * num_kv_heads))
+    blocks_per_split = max(MIN_BLOCKS_PER_SPLIT, -(-num_blocks // max(1, wanted)))
+    splits = -(-num_blocks // blocks_per_split)
+    return max(1, min(splits, MAX_KV_SPLITS))
 
 
 @triton.jit
@@ -21,31 +49,24 @@ def _decode_attention_block(
     q,
     k_buffer_ptr,
     v_buffer_ptr,
-    req_to_token_ptr,
-    req_row,
-    stride_req,
+    slots,
+    mask_n,
     stride_kn,
     stride_kh,
     stride_vn,
     stride_vh,
     kv_head,
-    n0,
-    end,
     m_i,
     l_i,
     acc,
     qk_scale,
     HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with keys n0..n0+BLOCK_N."""
-    offs_n = tl.arange(0, BLOCK_N)
+    """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the keys at KV-cache
+    slots `slots` [BLOCK_N] (int64), of which those under mask_n exist."""
     offs_d = tl.arange(0, BLOCK_D)
-    pos = n0 + offs_n
-    mask_n = pos < end
-    slots = tl.load(req_to_token_ptr + req_row * stride_req + pos, mask=mask_n, other=0).to(tl.int64)
     kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(
         k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
@@ -129,21 +150,32 @@ def _decode_attention_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
+    # The slot indices of the next block are loaded one iteration early (loop-carried), so that the K/V gathers
+    # depend on no load of their own iteration and the pipeliner can issue them num_stages - 1 blocks ahead.
+    offs_n = tl.arange(0, BLOCK_N)
+    slot_row = req_to_token_ptr + req_row * stride_req
+    slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
     if INTERPRET:
         # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
         n0 = start
         while n0 < end:
+            next_pos = n0 + BLOCK_N + offs_n
+            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
             )  # fmt: skip
+            slots = next_slots
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
+            next_pos = n0 + BLOCK_N + offs_n
+            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr, req_row, stride_req, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, n0, end, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRET,
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
             )  # fmt: skip
+            slots = next_slots
 
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -202,14 +234,16 @@ def decode_attention(
     seq_lens: torch.Tensor,
     sm_scale: float,
     out: torch.Tensor | None = None,
-    num_kv_splits: int = 8,
+    num_kv_splits: int | None = None,
     max_seq_len_hint: int | None = None,
 ) -> torch.Tensor:
     """One new token per request attends to its paged KV history.
 
     q [B, Hq, D]; k_buffer, v_buffer [num_slots, Hkv, D]; req_to_token [max_reqs, max_context] int32;
     req_pool_indices [B]; seq_lens [B] (keys per request, the new token's own K/V already stored).
-    `max_seq_len_hint` (an upper bound on seq_lens known on the host) only caps the number of splits.
+    num_kv_splits None: chosen by `choose_num_kv_splits` from the batch, the KV heads, the SM count and the length
+    bound max_seq_len_hint (else req_to_token's width). `max_seq_len_hint` (an upper bound on seq_lens known on the
+    host) also caps an explicit split count at one block per split.
     Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -235,8 +269,8 @@ def decode_attention(
         raise ValueError("req_pool_indices must be contiguous")
     if seq_lens.stride(0) != 1 and batch > 1:
         raise ValueError("seq_lens must be contiguous")
-    if num_kv_splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    if num_kv_splits is not None and (not isinstance(num_kv_splits, int) or num_kv_splits < 1):
+        raise ValueError(f"num_kv_splits must be None or a python int >= 1, got {num_kv_splits!r}")
     check_out("out", out, (batch, num_q_heads, head_dim), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -244,8 +278,11 @@ def decode_attention(
         return out
 
     interpret = on_interpreter(q)
-    block_n = 16 if interpret else 64
-    if max_seq_len_hint is not None:
+    block_n = 16 if interpret else BLOCK_N_GPU
+    max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
+    if num_kv_splits is None:
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, block_n, num_sms(q.device))
+    elif max_seq_len_hint is not None:
         num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
     group = num_q_heads // num_kv_heads
     block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
@@ -255,7 +292,7 @@ def decode_attention(
     partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
 
-    gpu_opts = {} if interpret else {"num_warps": 4, "num_stages": 2}
+    gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": NUM_STAGES_GPU}
     _decode_attention_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,

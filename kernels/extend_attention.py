@@ -4,6 +4,12 @@ Without a mask the new tokens attend causally (prefill and chunked prefill); wit
 attend as the mask says (tree verification: every tree node sees the whole prefix and its own ancestors).
 One program handles BLOCK_M new tokens x all query heads of one KV head, so the K/V of that head is read once
 per token block rather than once per query head.
+
+Split-KV (tree verify: few new tokens over a long prefix would otherwise leave most SMs idle): with S > 1 splits,
+stage 1 runs B x Hkv x token blocks x S programs, each over 1/S of the prefix, writing a partial output and its
+log-sum-exp; stage 2 (one program per token block) merges the S partials and then attends to the new tokens,
+under the causal or custom mask. With S = 1 one kernel does both. S fixes the grid, so it is chosen on the host
+from python ints (`choose_num_kv_splits`); within a request the splits divide its actual prefix.
 """
 
 from __future__ import annotations
@@ -12,9 +18,46 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, on_interpreter
+from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, num_sms, on_interpreter
 
 _LOG2E = 1.4426950408889634
+
+# Kernel phases (constexpr PHASE): the whole row set in one kernel, or split prefix then merge + new tokens.
+FULL = tl.constexpr(0)
+PREFIX_SPLIT = tl.constexpr(1)
+MERGE_EXTEND = tl.constexpr(2)
+BLOCK_N_GPU = 64
+NUM_STAGES_GPU = 3  # with the slot indices loaded a block early, K/V are gathered two blocks ahead
+# Split heuristic: about this many stage-1 programs per SM (two resident at a time, a couple of waves); at least
+# MIN_KEYS_PER_SPLIT prefix keys per split, since each split writes and re-reads an fp32 [rows, D] partial (128
+# rows x 128 dims: 128 KiB against 512 B of K/V per key and KV head, i.e. at most 25% extra traffic).
+PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 1024
+MAX_KV_SPLITS = 32
+
+
+def choose_num_kv_splits(
+    batch: int, num_kv_heads: int, num_m_blocks: int, max_prefix_len: int, block_n: int, sm_count: int
+) -> int:
+    """Prefix splits for a stage-1 grid of batch x num_kv_heads x num_m_blocks x splits (host ints only).
+
+    E.g. 132 SMs, 8 KV heads, 2 token blocks (64 tree tokens x 4 query heads per KV head), 4096-token prefix:
+    batch 8 -> 4 splits (512 programs), batch 32 -> 2 (1024 programs); a prefix under 2048 tokens -> 1.
+    """
+    num_blocks = max(1, -(-max_prefix_len // block_n))
+    wanted = -(-(sm_count * PROGRAMS_PER_SM) // max(1, batch * num_kv_heads * num_m_blocks))
+    splits = max(1, min(wanted, max_prefix_len // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
+    return -(-num_blocks // -(-num_blocks // splits))  # whole blocks per split, none empty at max_prefix_len
+
+
+def block_sizes(group: int, head_dim: int, max_extend_len: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_M, BLOCK_N): a program's BLOCK_M new tokens x BLOCK_G query heads and its key block."""
+    block_g = next_pow2(group)
+    # R = BLOCK_M * BLOCK_G query rows per program; tl.dot needs R >= 16.
+    rows = 16 if interpret else (128 if head_dim <= 128 else 64)
+    block_m = max(1, rows // block_g)
+    block_m = min(block_m, max(next_pow2(max_extend_len), max(1, 16 // block_g)))
+    return block_g, block_m, 16 if interpret else BLOCK_N_GPU
 
 
 @triton.jit
@@ -74,6 +117,8 @@ def _extend_attention_kernel(
     extend_lens_ptr,
     extend_start_loc_ptr,
     custom_mask_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
     qk_scale,
     stride_qn,
     stride_qh,
@@ -90,6 +135,11 @@ def _extend_attention_kernel(
     stride_req,
     stride_mask_b,
     stride_mask_i,
+    stride_pn,
+    stride_ph,
+    stride_ps,
+    stride_ln,
+    stride_lh,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -97,17 +147,22 @@ def _extend_attention_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_CUSTOM_MASK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_M_BLOCKS: tl.constexpr,
+    PHASE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    """PHASE FULL: prefix + new tokens -> out. PREFIX_SPLIT: prefix split `split` -> partial_out, partial_lse
+    [N, Hq, S, D], [N, Hq, S] (log2 units). MERGE_EXTEND: the S partials, then the new tokens -> out."""
+    # The token blocks of one split are neighbours in launch order, so the second one finds the K/V in L2.
+    m_block = tl.program_id(0) % NUM_M_BLOCKS
+    split = tl.program_id(0) // NUM_M_BLOCKS
     kv_head = tl.program_id(1)
-    m_block = tl.program_id(2)
+    b = tl.program_id(2)
 
     extend_len = tl.load(extend_lens_ptr + b).to(tl.int32)
     if m_block * BLOCK_M < extend_len:
-        prefix_len = tl.load(prefix_lens_ptr + b).to(tl.int32)
         start_loc = tl.load(extend_start_loc_ptr + b).to(tl.int64)
-        req_row = tl.load(req_pool_indices_ptr + b).to(tl.int64)
 
         # Row r of the tile is new token r // BLOCK_G (within this block) and query head r % BLOCK_G of the group.
         offs_r = tl.arange(0, BLOCK_M * BLOCK_G)
@@ -117,11 +172,10 @@ def _extend_attention_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         mask_d = offs_d < HEAD_DIM
+        mask_rd = mask_r[:, None] & mask_d[None, :]
         q_rows = start_loc + tok
         q = tl.load(
-            q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
-            mask=mask_r[:, None] & mask_d[None, :],
-            other=0.0,
+            q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :], mask=mask_rd, other=0.0
         )  # [R, BLOCK_D]
         if INTERPRET:
             q = q.to(tl.float32)
@@ -130,75 +184,121 @@ def _extend_attention_kernel(
         l_i = tl.zeros([BLOCK_M * BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], dtype=tl.float32)
 
-        # Prefix: every new token sees all of it.
-        k_prefix = k_buffer_ptr + kv_head * stride_kbh
-        v_prefix = v_buffer_ptr + kv_head * stride_vbh
-        if INTERPRET:
-            # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
-            n0 = prefix_len * 0
-            while n0 < prefix_len:
-                pos = n0 + offs_n
-                mask_n = pos < prefix_len
-                slots = tl.load(req_to_token_ptr + req_row * stride_req + pos, mask=mask_n, other=0).to(tl.int64)
-                m_i, l_i, acc = _extend_attention_block(
-                    q, k_prefix, v_prefix, slots, mask_n, stride_kbn, stride_vbn, mask_n[None, :], m_i, l_i, acc,
-                    qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
-                )  # fmt: skip
-                n0 += BLOCK_N
-        else:
-            for n0 in range(0, prefix_len, BLOCK_N):
-                pos = n0 + offs_n
-                mask_n = pos < prefix_len
-                slots = tl.load(req_to_token_ptr + req_row * stride_req + pos, mask=mask_n, other=0).to(tl.int64)
-                m_i, l_i, acc = _extend_attention_block(
-                    q, k_prefix, v_prefix, slots, mask_n, stride_kbn, stride_vbn, mask_n[None, :], m_i, l_i, acc,
-                    qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
-                )  # fmt: skip
+        if PHASE != MERGE_EXTEND:
+            # Prefix (all of it, or this split's whole blocks of it): every new token sees all of it.
+            prefix_len = tl.load(prefix_lens_ptr + b).to(tl.int32)
+            if PHASE == PREFIX_SPLIT:
+                split_len = tl.cdiv(tl.cdiv(prefix_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+                kv_start = split * split_len
+                kv_end = tl.minimum(kv_start + split_len, prefix_len)
+            else:
+                kv_start = prefix_len * 0
+                kv_end = prefix_len
+            req_row = tl.load(req_pool_indices_ptr + b).to(tl.int64)
+            slot_row = req_to_token_ptr + req_row * stride_req
+            k_prefix = k_buffer_ptr + kv_head * stride_kbh
+            v_prefix = v_buffer_ptr + kv_head * stride_vbh
+            # Slot indices are loaded a block early (loop-carried) so the gathers can be pipelined.
+            slots = tl.load(slot_row + kv_start + offs_n, mask=kv_start + offs_n < kv_end, other=0)
+            if INTERPRET:
+                # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
+                n0 = kv_start
+                while n0 < kv_end:
+                    mask_n = n0 + offs_n < kv_end
+                    next_pos = n0 + BLOCK_N + offs_n
+                    next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
+                    m_i, l_i, acc = _extend_attention_block(
+                        q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
+                        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    )  # fmt: skip
+                    slots = next_slots
+                    n0 += BLOCK_N
+            else:
+                for n0 in range(kv_start, kv_end, BLOCK_N):
+                    mask_n = n0 + offs_n < kv_end
+                    next_pos = n0 + BLOCK_N + offs_n
+                    next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
+                    m_i, l_i, acc = _extend_attention_block(
+                        q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
+                        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    )  # fmt: skip
+                    slots = next_slots
 
-        # New tokens of the same request: causal, or as custom_mask says.
-        if USE_CUSTOM_MASK:
-            extend_end = extend_len
+        if PHASE == PREFIX_SPLIT:
+            has_keys = l_i > 0.0
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+            part = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+            tl.store(
+                partial_out_ptr + q_rows[:, None] * stride_pn + head[:, None] * stride_ph + split * stride_ps
+                + offs_d[None, :],
+                part,
+                mask=mask_rd,
+            )  # fmt: skip
+            tl.store(partial_lse_ptr + q_rows * stride_ln + head * stride_lh + split, lse, mask=mask_r)
         else:
-            extend_end = tl.minimum(extend_len, (m_block + 1) * BLOCK_M)
-        k_new = k_ptr + kv_head * stride_kh
-        v_new = v_ptr + kv_head * stride_vh
-        mask_base = custom_mask_ptr + b * stride_mask_b + tok[:, None].to(tl.int64) * stride_mask_i
-        if INTERPRET:
-            n0 = extend_end * 0
-            while n0 < extend_end:
-                pos = n0 + offs_n
-                mask_n = pos < extend_len
-                if USE_CUSTOM_MASK:
-                    seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
-                    allowed = (seen != 0) & mask_n[None, :]
-                else:
-                    allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
-                m_i, l_i, acc = _extend_attention_block(
-                    q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
-                    qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
-                )  # fmt: skip
-                n0 += BLOCK_N
-        else:
-            for n0 in range(0, extend_end, BLOCK_N):
-                pos = n0 + offs_n
-                mask_n = pos < extend_len
-                if USE_CUSTOM_MASK:
-                    seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
-                    allowed = (seen != 0) & mask_n[None, :]
-                else:
-                    allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
-                m_i, l_i, acc = _extend_attention_block(
-                    q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
-                    qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
-                )  # fmt: skip
+            if PHASE == MERGE_EXTEND:
+                # Fold the splits into (m_i, l_i, acc): split s is out_s with weight 2^lse_s (empty: lse -inf).
+                for s in range(NUM_SPLITS):
+                    lse_s = tl.load(
+                        partial_lse_ptr + q_rows * stride_ln + head * stride_lh + s, mask=mask_r, other=float("-inf")
+                    )
+                    part = tl.load(
+                        partial_out_ptr + q_rows[:, None] * stride_pn + head[:, None] * stride_ph + s * stride_ps
+                        + offs_d[None, :],
+                        mask=mask_rd,
+                        other=0.0,
+                    )  # fmt: skip
+                    m_new = tl.maximum(m_i, lse_s)
+                    alpha = tl.exp2(m_i - m_new)
+                    weight = tl.exp2(lse_s - m_new)
+                    l_i = l_i * alpha + weight
+                    acc = acc * alpha[:, None] + part * weight[:, None]
+                    m_i = m_new
 
-        # A token that sees nothing (possible only under a custom mask with no prefix) gets zeros.
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(
-            out_ptr + q_rows[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=mask_r[:, None] & mask_d[None, :],
-        )
+            # New tokens of the same request: causal, or as custom_mask says.
+            if USE_CUSTOM_MASK:
+                extend_end = extend_len
+            else:
+                extend_end = tl.minimum(extend_len, (m_block + 1) * BLOCK_M)
+            k_new = k_ptr + kv_head * stride_kh
+            v_new = v_ptr + kv_head * stride_vh
+            mask_base = custom_mask_ptr + b * stride_mask_b + tok[:, None].to(tl.int64) * stride_mask_i
+            if INTERPRET:
+                n0 = extend_end * 0
+                while n0 < extend_end:
+                    pos = n0 + offs_n
+                    mask_n = pos < extend_len
+                    if USE_CUSTOM_MASK:
+                        seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+                        allowed = (seen != 0) & mask_n[None, :]
+                    else:
+                        allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
+                    m_i, l_i, acc = _extend_attention_block(
+                        q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
+                        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    )  # fmt: skip
+                    n0 += BLOCK_N
+            else:
+                for n0 in range(0, extend_end, BLOCK_N):
+                    pos = n0 + offs_n
+                    mask_n = pos < extend_len
+                    if USE_CUSTOM_MASK:
+                        seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+                        allowed = (seen != 0) & mask_n[None, :]
+                    else:
+                        allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
+                    m_i, l_i, acc = _extend_attention_block(
+                        q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
+                        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    )  # fmt: skip
+
+            # A token that sees nothing (possible only under a custom mask with no prefix) gets zeros.
+            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            tl.store(
+                out_ptr + q_rows[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=mask_rd,
+            )
 
 
 def extend_attention(
@@ -216,6 +316,8 @@ def extend_attention(
     sm_scale: float,
     custom_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    num_kv_splits: int | None = None,
+    max_prefix_len_hint: int | None = None,
 ) -> torch.Tensor:
     """Attention of N new tokens (B requests, packed) over their paged prefixes and themselves.
 
@@ -225,6 +327,8 @@ def extend_attention(
     max_extend_len >= max(extend_lens) (host int: it fixes the grid); custom_mask bool [B, E, E], E = max_extend_len,
     mask[b, i, j] = new token i may see new token j (None = causal). Returns out [N, Hq, D] in q's dtype; rows of
     q owned by no request are left untouched. No host sync, so it can be captured in a CUDA graph.
+    num_kv_splits: how many parts the prefix is split into (None: `choose_num_kv_splits` from the batch, the KV
+    heads, the token blocks, the SM count and the prefix bound max_prefix_len_hint, else req_to_token's width).
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -257,6 +361,8 @@ def extend_attention(
             "custom_mask", custom_mask, ndim=3, dtypes=(torch.bool,), shape=(batch, max_extend_len, max_extend_len),
             device=q.device, last_dim_contiguous=True,
         )  # fmt: skip
+    if num_kv_splits is not None and (not isinstance(num_kv_splits, int) or num_kv_splits < 1):
+        raise ValueError(f"num_kv_splits must be None or a python int >= 1, got {num_kv_splits!r}")
     check_out("out", out, (num_tokens, num_q_heads, head_dim), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -265,54 +371,77 @@ def extend_attention(
 
     interpret = on_interpreter(q)
     group = num_q_heads // num_kv_heads
-    block_g = next_pow2(group)
-    # R = BLOCK_M * BLOCK_G query rows per program; tl.dot needs R >= 16.
-    rows = 16 if interpret else (128 if head_dim <= 128 else 64)
-    block_m = max(1, rows // block_g)
-    block_m = min(block_m, max(next_pow2(max_extend_len), max(1, 16 // block_g)))
-    block_n = 16 if interpret else 64
+    block_g, block_m, block_n = block_sizes(group, head_dim, max_extend_len, interpret)
+    num_m_blocks = triton.cdiv(max_extend_len, block_m)
+    if num_kv_splits is None:
+        max_prefix_len = req_to_token.shape[1] if max_prefix_len_hint is None else max_prefix_len_hint
+        num_kv_splits = choose_num_kv_splits(
+            batch, num_kv_heads, num_m_blocks, max_prefix_len, block_n, num_sms(q.device)
+        )
     mask_arg = custom_mask.view(torch.uint8) if custom_mask is not None else q  # q: a dummy, never read
-    gpu_opts = {} if interpret else {"num_warps": 8 if block_m * block_g >= 128 else 4, "num_stages": 2}
-    grid = (batch, num_kv_heads, triton.cdiv(max_extend_len, block_m))
-    _extend_attention_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        k_buffer,
-        v_buffer,
-        req_to_token,
-        req_pool_indices,
-        prefix_lens,
-        extend_lens,
-        extend_start_loc,
-        mask_arg,
-        sm_scale * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_buffer.stride(0),
-        k_buffer.stride(1),
-        v_buffer.stride(0),
-        v_buffer.stride(1),
-        req_to_token.stride(0),
-        custom_mask.stride(0) if custom_mask is not None else 0,
-        custom_mask.stride(1) if custom_mask is not None else 0,
-        GROUP=group,
-        BLOCK_G=block_g,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HEAD_DIM=head_dim,
-        BLOCK_D=next_pow2(head_dim),
-        USE_CUSTOM_MASK=custom_mask is not None,
-        INTERPRET=interpret,
-        **gpu_opts,
-    )
+    num_warps = 8 if block_m * block_g >= 128 else 4
+    # fp32 tiles are twice the bytes: a third stage would need all 227 KiB of shared memory.
+    prefix_stages = 2 if q.element_size() > 2 else NUM_STAGES_GPU
+    if num_kv_splits > 1:
+        # fp32 scratch: [N, Hq, splits, D] partial outputs and [N, Hq, splits] log2-sum-exp of the prefix splits.
+        partial_out = torch.empty(
+            (num_tokens, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        partial_lse = torch.empty((num_tokens, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+        phases = ((PREFIX_SPLIT, num_kv_splits, prefix_stages), (MERGE_EXTEND, 1, 2))
+    else:
+        partial_out = partial_lse = q.new_empty((1, 1, 1, 1), dtype=torch.float32)  # never read
+        phases = ((FULL, 1, prefix_stages),)
+    for phase, programs_per_block, num_stages in phases:
+        _extend_attention_kernel[(num_m_blocks * programs_per_block, num_kv_heads, batch)](
+            q,
+            k,
+            v,
+            out,
+            k_buffer,
+            v_buffer,
+            req_to_token,
+            req_pool_indices,
+            prefix_lens,
+            extend_lens,
+            extend_start_loc,
+            mask_arg,
+            partial_out,
+            partial_lse,
+            sm_scale * _LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            out.stride(1),
+            k_buffer.stride(0),
+            k_buffer.stride(1),
+            v_buffer.stride(0),
+            v_buffer.stride(1),
+            req_to_token.stride(0),
+            custom_mask.stride(0) if custom_mask is not None else 0,
+            custom_mask.stride(1) if custom_mask is not None else 0,
+            partial_out.stride(0),
+            partial_out.stride(1),
+            partial_out.stride(2),
+            partial_lse.stride(0),
+            partial_lse.stride(1),
+            GROUP=group,
+            BLOCK_G=block_g,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            HEAD_DIM=head_dim,
+            BLOCK_D=next_pow2(head_dim),
+            USE_CUSTOM_MASK=custom_mask is not None,
+            NUM_SPLITS=num_kv_splits,
+            NUM_M_BLOCKS=num_m_blocks,
+            PHASE=phase.value,
+            INTERPRET=interpret,
+            **({} if interpret else {"num_warps": num_warps, "num_stages": num_stages}),
+        )
     return out
 
 

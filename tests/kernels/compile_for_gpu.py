@@ -26,6 +26,9 @@ MAX_SHARED_BYTES = 232448  # per block on sm_90 (227 KiB): more fails at launch 
 
 
 def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4, num_stages: int = 3) -> bool:
+    """Compile with the 16-byte divisibility that a launch infers for torch allocations and for strides that are
+    multiples of 16 (as at the Llama shapes), so that loads are vectorised and pipelined as on the GPU, and the
+    shared memory reported is what a launch would need."""
     signature = {}
     for name in fn.arg_names:
         if name in consts:
@@ -36,9 +39,14 @@ def compile_variant(fn, types: dict[str, str], consts: dict, num_warps: int = 4,
             signature[name] = "i32"
         else:
             raise KeyError(f"{fn.__name__}: no type for argument {name}")
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or (name.startswith("stride") and not name.startswith("stride_l"))
+    }
     try:
         compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=consts),
+            ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned),
             target=TARGET,
             options={"num_warps": num_warps, "num_stages": num_stages},
         )
@@ -67,28 +75,38 @@ def main() -> int:
                 seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32",
             ),
             dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False),
-            num_warps=4,
-            num_stages=2,
+            num_warps=decode_attention.NUM_WARPS_GPU,
+            num_stages=decode_attention.NUM_STAGES_GPU,
         )  # fmt: skip
     ok &= compile_variant(
         decode_attention._decode_attention_stage2_kernel,
         dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf),
         dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128),
     )
-    for group, block_m, mask, bf in ((4, 32, True, "*bf16"), (1, 64, False, "*bf16"), (4, 32, True, "*fp32")):
+    ea = extend_attention
+    variants = [
+        (4, 32, True, "*bf16", ea.PREFIX_SPLIT, ea.NUM_STAGES_GPU),
+        (4, 32, True, "*bf16", ea.MERGE_EXTEND, 2),
+        (4, 32, True, "*bf16", ea.FULL, ea.NUM_STAGES_GPU),
+        (1, 64, False, "*bf16", ea.FULL, ea.NUM_STAGES_GPU),
+        (4, 32, True, "*fp32", ea.PREFIX_SPLIT, 2),
+        (4, 32, True, "*fp32", ea.FULL, 2),
+    ]
+    for group, block_m, mask, bf, phase, num_stages in variants:
         ok &= compile_variant(
-            extend_attention._extend_attention_kernel,
+            ea._extend_attention_kernel,
             dict(
                 q_ptr=bf, k_ptr=bf, v_ptr=bf, out_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32",
                 req_pool_indices_ptr="*i64", prefix_lens_ptr="*i32", extend_lens_ptr="*i32",
-                extend_start_loc_ptr="*i32", custom_mask_ptr="*u8" if mask else bf, qk_scale="fp32",
+                extend_start_loc_ptr="*i32", custom_mask_ptr="*u8" if mask else bf, partial_out_ptr="*fp32",
+                partial_lse_ptr="*fp32", qk_scale="fp32",
             ),
             dict(
                 GROUP=group, BLOCK_G=group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128,
-                USE_CUSTOM_MASK=mask, INTERPRET=False,
+                USE_CUSTOM_MASK=mask, NUM_SPLITS=4, NUM_M_BLOCKS=2, PHASE=phase.value, INTERPRET=False,
             ),
             num_warps=8 if group * block_m >= 128 else 4,
-            num_stages=2,
+            num_stages=num_stages,
         )  # fmt: skip
     bf = "*bf16"
     ok &= compile_variant(

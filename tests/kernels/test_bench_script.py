@@ -36,12 +36,19 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
     args = ["--device", "cpu", "--out", str(out), "--batch-sizes", "2", "--prefix", "19", "--tree-tokens", "5"]
     plot = tmp_path / "bench.png"
     with_plot = importlib.util.find_spec("matplotlib") is not None
-    args += ["--num-kv-splits", "2", "--copy-mib", "1"] + (["--plot", str(plot)] if with_plot else [])
+    args += ["--num-kv-splits", "auto,2", "--extend-kv-splits", "auto,2", "--copy-mib", "1"]
+    args += ["--plot", str(plot)] if with_plot else []
     proc = _run(args, interpret=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    kernels = [r["kernel"] for r in report["results"]]
-    assert kernels == ["decode_attention", "extend_attention (tree verify)"]
+    cases = [(r["kernel"], r["auto_splits"], r["num_kv_splits"]) for r in report["results"]]
+    # auto: the wrappers' choice at B=2, 8 KV heads, 19 keys on CPU (4 nominal SMs): 1 split for both kernels.
+    assert cases == [
+        ("decode_attention", True, 1),
+        ("decode_attention", False, 2),
+        ("extend_attention (tree verify)", True, 1),
+        ("extend_attention (tree verify)", False, 2),
+    ]
     for row in report["results"]:
         assert row["ok"] and row["max_abs_err"] < 1e-2 and row["sdpa_max_abs_err"] < 1e-2
         assert row["time_us"] > 0 and row["bytes"] > 0

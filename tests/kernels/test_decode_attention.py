@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.decode_attention import choose_num_kv_splits, decode_attention, decode_attention_ref
 from tests.kernels.paged import DEVICE, TOLERANCES, make_paged_cache, randn
 
 SEQ_LENS = [1, 7, 37, 123]
@@ -44,6 +44,35 @@ def test_decode_attention_split_counts_and_out_buffer(num_kv_splits):
     torch.testing.assert_close(hinted.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
+def test_decode_attention_default_splits_long_context():
+    """num_kv_splits None: the heuristic picks several splits from max_seq_len_hint (and, without one, from
+    req_to_token's width); both match the reference."""
+    lens = [300, 17]
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32, seed=7)
+    seq_lens = torch.tensor(lens, device=DEVICE)
+    q = randn(2, 8, 64, seed=8)
+    assert choose_num_kv_splits(2, 2, 300, 16, 4) == 10  # CPU: block 16, a nominal 4 SMs
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    for hint in (300, None):
+        out = decode_attention(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, max_seq_len_hint=hint
+        )
+        torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
+
+
+def test_choose_num_kv_splits_at_llama_decode_shapes():
+    """H200 (132 SMs), 8 KV heads, 4096 keys in blocks of 64: ~4096 stage-1 programs, at least 2 blocks per split."""
+    assert choose_num_kv_splits(8, 8, 4096, 64, 132) == 32
+    assert choose_num_kv_splits(32, 8, 4096, 64, 132) == 16
+    assert choose_num_kv_splits(1, 8, 131072, 64, 132) == 64  # capped at MAX_KV_SPLITS
+    assert choose_num_kv_splits(256, 8, 4096, 64, 132) == 3  # 6144 programs already: 22 blocks per split
+    assert choose_num_kv_splits(8, 8, 100, 64, 132) == 1  # two blocks: one split
+    for batch, length in ((3, 1000), (8, 4097), (64, 777)):
+        splits = choose_num_kv_splits(batch, 8, length, 64, 132)
+        blocks = -(-length // 64)
+        assert (splits - 1) * -(-blocks // splits) < blocks  # no split is empty at the bound
+
+
 def test_decode_attention_ignores_slots_past_seq_len():
     lens = [9]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32)
@@ -67,6 +96,8 @@ def test_decode_attention_rejects_bad_arguments():
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens[:1], 1.0)
     with pytest.raises(ValueError, match="out"):
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, out=q[:1].clone())
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, num_kv_splits=0)
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.extend_attention import extend_attention, extend_attention_ref
+from kernels.extend_attention import choose_num_kv_splits, extend_attention, extend_attention_ref
 from tests.kernels.paged import DEVICE, TOLERANCES, make_paged_cache, to_device
 
 
@@ -70,13 +70,14 @@ def test_extend_attention_tree_mask_matches_reference(dtype, group, head_dim):
     assert (ref.float() - causal.float()).abs().max() > 0.05  # the tree mask is not the causal mask
 
 
-def test_extend_attention_padded_mask_and_short_requests():
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_extend_attention_padded_mask_and_short_requests(num_kv_splits):
     """extend_lens below max_extend_len (the mask is padded to E x E) and an out= buffer."""
     args = _packed_inputs([4, 0, 30], [3, 9, 1], 2, 4, 64, torch.float32, seed=9)
     mask = torch.rand(3, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.5
     mask = (mask | torch.eye(9, dtype=torch.bool)).to(DEVICE)
     out = torch.full_like(args["q"], float("nan"))
-    res = extend_attention(**args, custom_mask=mask, out=out)
+    res = extend_attention(**args, custom_mask=mask, out=out, num_kv_splits=num_kv_splits)
     assert res is out
     ref = extend_attention_ref(**args, custom_mask=mask)
     torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
@@ -94,6 +95,8 @@ def test_extend_attention_rejects_bad_arguments():
         extend_attention(**{**args, "max_extend_len": 3.0})
     with pytest.raises(ValueError, match="^k has"):
         extend_attention(**{**args, "k": args["k"][:5]})
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        extend_attention(**args, num_kv_splits=0)
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])
@@ -106,3 +109,44 @@ def test_extend_attention_odd_groups_and_head_dims(num_kv_heads, group, head_dim
     out = extend_attention(**args, custom_mask=mask)
     ref = extend_attention_ref(**args, custom_mask=mask)
     torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("num_kv_splits", [2, 3, 7])
+def test_extend_attention_prefix_splits_match_reference(dtype, tree, num_kv_splits):
+    """Split-KV prefix + merge kernel (which also attends to the new tokens). Prefixes of 0..3 interpreter blocks
+    (16 keys): 7 splits leave most splits empty, and the request without a prefix has only empty splits."""
+    prefix, extend = [1, 37, 18, 0, 48], [5, 5, 5, 5, 5] if tree else [7, 2, 5, 4, 1]
+    args = _packed_inputs(prefix, extend, 2, 4, 64, dtype, seed=11)
+    mask = _tree_mask(5, 5, torch.Generator().manual_seed(3)) if tree else None
+    ref = extend_attention_ref(**args, custom_mask=mask)
+    out = extend_attention(**args, custom_mask=mask, num_kv_splits=num_kv_splits)
+    torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
+    one_split = extend_attention(**args, custom_mask=mask, num_kv_splits=1)
+    torch.testing.assert_close(out.float().cpu(), one_split.float().cpu(), **TOLERANCES[dtype])
+
+
+def test_extend_attention_splits_a_long_prefix_by_default():
+    """No num_kv_splits: the heuristic splits a 2048-token prefix for a lone request; the result is the reference."""
+    args = _packed_inputs([2048], [4], 1, 2, 64, torch.float32, seed=12)
+    mask = _tree_mask(1, 4, torch.Generator().manual_seed(4))
+    assert choose_num_kv_splits(1, 1, 1, 2048 + 3, 16, 4) == 2  # CPU: block 16, a nominal 4 SMs
+    out = extend_attention(**args, custom_mask=mask)
+    ref = extend_attention_ref(**args, custom_mask=mask)
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
+
+
+def test_choose_num_kv_splits_at_llama_tree_verify_shapes():
+    """H200 (132 SMs), 8 KV heads, 64 tree tokens x 4 query heads = 2 token blocks of 128 rows, blocks of 64 keys."""
+    assert choose_num_kv_splits(8, 8, 2, 4096, 64, 132) == 4  # 512 stage-1 programs instead of 128
+    assert choose_num_kv_splits(32, 8, 2, 4096, 64, 132) == 2
+    assert choose_num_kv_splits(1, 8, 2, 32768, 64, 132) == 32  # capped at MAX_KV_SPLITS
+    assert choose_num_kv_splits(8, 8, 2, 1500, 64, 132) == 1  # under 2 x 1024 keys: not worth a partial
+    assert choose_num_kv_splits(128, 8, 2, 4096, 64, 132) == 1  # the grid is full without splitting
+    for batch, prefix in ((1, 3000), (2, 5000), (8, 4097)):
+        splits = choose_num_kv_splits(batch, 8, 2, prefix, 64, 132)
+        blocks = -(-prefix // 64)
+        per_split = -(-blocks // splits)
+        assert (splits - 1) * per_split < blocks  # no split is empty at the bound
+        assert per_split * 64 >= 1024  # each split keeps at least MIN_KEYS_PER_SPLIT keys

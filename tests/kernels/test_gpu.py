@@ -51,16 +51,18 @@ def test_decode_attention_bf16(group, head_dim):
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128)])
 @pytest.mark.parametrize("tree", [False, True])
-def test_extend_attention_bf16(group, head_dim, tree):
+@pytest.mark.parametrize("num_kv_splits", [None, 4])
+def test_extend_attention_bf16(group, head_dim, tree, num_kv_splits):
     extend = [64] * 3 if tree else [7, 130, 1]
     args = _cuda(_packed_inputs([0, 300, 77], extend, 2, group, head_dim, torch.bfloat16))
     mask = _tree_mask(3, 64, torch.Generator().manual_seed(0)).cuda() if tree else None
-    out = extend_attention(**args, custom_mask=mask)
+    out = extend_attention(**args, custom_mask=mask, num_kv_splits=num_kv_splits)
     torch.testing.assert_close(out.float(), extend_attention_ref(**args, custom_mask=mask).float(), **BF16)
 
 
 def test_attention_replays_in_a_cuda_graph():
-    """Decode and tree-verify captured once with fixed buffers, replayed after the inputs change in place."""
+    """Decode and tree-verify (split prefix + merge) captured once with fixed buffers, replayed after the inputs
+    change in place."""
     lens = [50, 90]
     k_buffer, v_buffer, req_to_token, req_pool_indices = [
         t.cuda() for t in make_paged_cache([200, 200], 8, 128, torch.bfloat16)
@@ -75,7 +77,7 @@ def test_attention_replays_in_a_cuda_graph():
 
     def step():
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088, out=out)
-        extend_attention(**tree_args, custom_mask=mask, out=tree_out)
+        extend_attention(**tree_args, custom_mask=mask, out=tree_out, num_kv_splits=3)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
