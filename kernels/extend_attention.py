@@ -27,10 +27,13 @@ FULL = tl.constexpr(0)
 PREFIX_SPLIT = tl.constexpr(1)
 MERGE_EXTEND = tl.constexpr(2)
 BLOCK_N_GPU = 64
-NUM_STAGES_GPU = 3  # with the slot indices loaded a block early, K/V are gathered two blocks ahead
+# Two stages: K/V gathered one block ahead (the slot indices are loaded a block before that), 96 KiB of shared
+# memory for 128 bf16 rows x 128 dims, so two programs are resident per H100/H200 SM (three stages: 128 KiB, one).
+NUM_STAGES_GPU = 2
 # Split heuristic: about this many stage-1 programs per SM (two resident at a time, a couple of waves); at least
-# MIN_KEYS_PER_SPLIT prefix keys per split, since each split writes and re-reads an fp32 [rows, D] partial (128
-# rows x 128 dims: 128 KiB against 512 B of K/V per key and KV head, i.e. at most 25% extra traffic).
+# MIN_KEYS_PER_SPLIT prefix keys per split, since each split of each token block writes and re-reads an fp32
+# [rows, D] partial (128 rows x 128 dims: 128 KiB, against the 512 KiB of K/V that 1024 keys of one KV head are).
+# Tree verify is compute-bound anyway (256 query rows per KV head: ~256 FLOP per K/V byte), so that traffic hides.
 PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 1024
 MAX_KV_SPLITS = 32
@@ -380,19 +383,17 @@ def extend_attention(
         )
     mask_arg = custom_mask.view(torch.uint8) if custom_mask is not None else q  # q: a dummy, never read
     num_warps = 8 if block_m * block_g >= 128 else 4
-    # fp32 tiles are twice the bytes: a third stage would need all 227 KiB of shared memory.
-    prefix_stages = 2 if q.element_size() > 2 else NUM_STAGES_GPU
     if num_kv_splits > 1:
         # fp32 scratch: [N, Hq, splits, D] partial outputs and [N, Hq, splits] log2-sum-exp of the prefix splits.
         partial_out = torch.empty(
             (num_tokens, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty((num_tokens, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
-        phases = ((PREFIX_SPLIT, num_kv_splits, prefix_stages), (MERGE_EXTEND, 1, 2))
+        phases = ((PREFIX_SPLIT, num_kv_splits), (MERGE_EXTEND, 1))
     else:
         partial_out = partial_lse = q.new_empty((1, 1, 1, 1), dtype=torch.float32)  # never read
-        phases = ((FULL, 1, prefix_stages),)
-    for phase, programs_per_block, num_stages in phases:
+        phases = ((FULL, 1),)
+    for phase, programs_per_block in phases:
         _extend_attention_kernel[(num_m_blocks * programs_per_block, num_kv_heads, batch)](
             q,
             k,
@@ -440,7 +441,7 @@ def extend_attention(
             NUM_M_BLOCKS=num_m_blocks,
             PHASE=phase.value,
             INTERPRET=interpret,
-            **({} if interpret else {"num_warps": num_warps, "num_stages": num_stages}),
+            **({} if interpret else {"num_warps": num_warps, "num_stages": NUM_STAGES_GPU}),
         )
     return out
 

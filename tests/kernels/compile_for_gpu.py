@@ -85,14 +85,14 @@ def main() -> int:
     )
     ea = extend_attention
     variants = [
-        (4, 32, True, "*bf16", ea.PREFIX_SPLIT, ea.NUM_STAGES_GPU),
-        (4, 32, True, "*bf16", ea.MERGE_EXTEND, 2),
-        (4, 32, True, "*bf16", ea.FULL, ea.NUM_STAGES_GPU),
-        (1, 64, False, "*bf16", ea.FULL, ea.NUM_STAGES_GPU),
-        (4, 32, True, "*fp32", ea.PREFIX_SPLIT, 2),
-        (4, 32, True, "*fp32", ea.FULL, 2),
+        (4, 32, True, "*bf16", ea.PREFIX_SPLIT),
+        (4, 32, True, "*bf16", ea.MERGE_EXTEND),
+        (4, 32, True, "*bf16", ea.FULL),
+        (1, 64, False, "*bf16", ea.FULL),
+        (4, 32, True, "*fp32", ea.PREFIX_SPLIT),
+        (4, 32, True, "*fp32", ea.FULL),
     ]
-    for group, block_m, mask, bf, phase, num_stages in variants:
+    for group, block_m, mask, bf, phase in variants:
         ok &= compile_variant(
             ea._extend_attention_kernel,
             dict(
@@ -106,7 +106,7 @@ def main() -> int:
                 USE_CUSTOM_MASK=mask, NUM_SPLITS=4, NUM_M_BLOCKS=2, PHASE=phase.value, INTERPRET=False,
             ),
             num_warps=8 if group * block_m >= 128 else 4,
-            num_stages=num_stages,
+            num_stages=ea.NUM_STAGES_GPU,
         )  # fmt: skip
     bf = "*bf16"
     ok &= compile_variant(
