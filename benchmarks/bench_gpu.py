@@ -38,7 +38,7 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
     from serving.engine import Engine
     from serving.sampling import SamplingParams
 
-    engine = Engine(EngineConfig(max_running_requests=1, dtype="bfloat16"))
+    engine = Engine(EngineConfig(max_running_requests=1, dtype="bfloat16", max_total_tokens=65536))
     prompts = _prompts(engine, n_prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=32, temperature=0))
@@ -49,8 +49,13 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(r.output_ids) for r in reqs)
     graph_ms = _graph_step_ms(engine)
-    return {"prompts": len(prompts), "output_tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed,
-            "graph_replay_ms_bs1": graph_ms}
+    return {
+        "prompts": len(prompts),
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "graph_replay_ms_bs1": graph_ms,
+    }
 
 
 def _graph_step_ms(engine) -> float | None:
@@ -76,19 +81,30 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
     from serving.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    ref = Engine(EngineConfig(dtype="float32", attention_backend="torch", disable_cuda_graph=True,
-                              max_running_requests=8))
+    ref = Engine(
+        EngineConfig(
+            dtype="float32",
+            attention_backend="torch",
+            disable_cuda_graph=True,
+            max_total_tokens=65536,
+            max_running_requests=8,
+        )
+    )
     prompts = _prompts(ref, n_prompts)
     ref_out = [r.output_ids for r in ref.generate(prompts, params)]
     del ref
     out = {}
     for dtype in ("float32", "bfloat16"):
-        eng = Engine(EngineConfig(dtype=dtype, max_running_requests=8))
+        eng = Engine(EngineConfig(dtype=dtype, max_running_requests=8, max_total_tokens=65536))
         got = [r.output_ids for r in eng.generate(prompts, params)]
         out[dtype] = sum(a == b for a, b in zip(got, ref_out))
         del eng
-    return {"prompts": len(prompts), "tokens": tokens, "fp32_identical": out["float32"],
-            "bf16_identical": out["bfloat16"]}
+    return {
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "fp32_identical": out["float32"],
+        "bf16_identical": out["bfloat16"],
+    }
 
 
 def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
@@ -151,16 +167,22 @@ def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
     tree_ms = start.elapsed_time(end) / 20
     floor_ms = weight_bytes / copy_bw * 1e3
     del reqs
-    return {"weight_bytes": weight_bytes, "weights_read_ms": floor_ms, "decode_step_ms": decode_ms,
-            "decode_over_floor": decode_ms / floor_ms, "tree64_forward_ms": tree_ms,
-            "tree64_over_decode": tree_ms / decode_ms, "prefix": prompt_len}
+    return {
+        "weight_bytes": weight_bytes,
+        "weights_read_ms": floor_ms,
+        "decode_step_ms": decode_ms,
+        "decode_over_floor": decode_ms / floor_ms,
+        "tree64_forward_ms": tree_ms,
+        "tree64_over_decode": tree_ms / decode_ms,
+        "prefix": prompt_len,
+    }
 
 
 def hf_baseline(n_prompts: int, max_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
     from serving.bench import hf_generate_baseline, load_prompts
     from serving.models.loader import resolve_model_path
-
-    from transformers import AutoTokenizer
 
     folder, _ = resolve_model_path(None)
     prompts = load_prompts("mtbench", n_prompts, AutoTokenizer.from_pretrained(str(folder)))
@@ -181,10 +203,12 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(","))
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     res["copy_bandwidth_Bps"] = bw = copy_bandwidth()
-    sections = [("decode", lambda: smollm2_decode(args.num_prompts, args.max_tokens)),
-                ("agree", lambda: greedy_agreement(args.num_prompts, 32)),
-                ("llama8b", lambda: llama8b_step_costs(bw)),
-                ("hf", lambda: hf_baseline(args.hf_prompts, args.max_tokens))]
+    sections = [
+        ("decode", lambda: smollm2_decode(args.num_prompts, args.max_tokens)),
+        ("agree", lambda: greedy_agreement(args.num_prompts, 32)),
+        ("llama8b", lambda: llama8b_step_costs(bw)),
+        ("hf", lambda: hf_baseline(args.hf_prompts, args.max_tokens)),
+    ]
     for name, fn in sections:
         if name in skip:
             continue
@@ -202,16 +226,22 @@ def main(argv=None) -> int:
     print(f"\ncopy bandwidth: {bw / 1e12:.2f} TB/s")
     d = res.get("decode", {})
     if "tokens_per_s" in d:
-        print(f"SmolLM2 bf16 batch 1 greedy: {d['tokens_per_s']:.1f} tok/s ({d['output_tokens']} tokens), "
-              f"graph step {d['graph_replay_ms_bs1']:.3f} ms")
+        print(
+            f"SmolLM2 bf16 batch 1 greedy: {d['tokens_per_s']:.1f} tok/s ({d['output_tokens']} tokens), "
+            f"graph step {d['graph_replay_ms_bs1']:.3f} ms"
+        )
     a = res.get("agree", {})
     if "fp32_identical" in a:
-        print(f"greedy vs torch reference: fp32 {a['fp32_identical']}/{a['prompts']}, "
-              f"bf16 {a['bf16_identical']}/{a['prompts']} over {a['tokens']} tokens")
+        print(
+            f"greedy vs torch reference: fp32 {a['fp32_identical']}/{a['prompts']}, "
+            f"bf16 {a['bf16_identical']}/{a['prompts']} over {a['tokens']} tokens"
+        )
     l8 = res.get("llama8b", {})
     if "decode_step_ms" in l8:
-        print(f"Llama-8B shape: decode {l8['decode_step_ms']:.3f} ms = {l8['decode_over_floor']:.2f}x weight read; "
-              f"tree64 {l8['tree64_forward_ms']:.3f} ms = {l8['tree64_over_decode']:.2f}x decode")
+        print(
+            f"Llama-8B shape: decode {l8['decode_step_ms']:.3f} ms = {l8['decode_over_floor']:.2f}x weight read; "
+            f"tree64 {l8['tree64_forward_ms']:.3f} ms = {l8['tree64_over_decode']:.2f}x decode"
+        )
     h = res.get("hf", {})
     if "output_tokens_per_s" in h:
         print(f"transformers generate bf16: {h['output_tokens_per_s']:.1f} tok/s")

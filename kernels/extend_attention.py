@@ -151,15 +151,15 @@ def _extend_attention_kernel(
     BLOCK_D: tl.constexpr,
     USE_CUSTOM_MASK: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    NUM_M_BLOCKS: tl.constexpr,
+    num_m_blocks,  # runtime: a constexpr would compile a kernel per prompt length
     PHASE: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """PHASE FULL: prefix + new tokens -> out. PREFIX_SPLIT: prefix split `split` -> partial_out, partial_lse
     [N, Hq, S, D], [N, Hq, S] (log2 units). MERGE_EXTEND: the S partials, then the new tokens -> out."""
     # The token blocks of one split are neighbours in launch order, so the second one finds the K/V in L2.
-    m_block = tl.program_id(0) % NUM_M_BLOCKS
-    split = tl.program_id(0) // NUM_M_BLOCKS
+    m_block = tl.program_id(0) % num_m_blocks
+    split = tl.program_id(0) // num_m_blocks
     kv_head = tl.program_id(1)
     b = tl.program_id(2)
 
@@ -438,7 +438,7 @@ def extend_attention(
             BLOCK_D=next_pow2(head_dim),
             USE_CUSTOM_MASK=custom_mask is not None,
             NUM_SPLITS=num_kv_splits,
-            NUM_M_BLOCKS=num_m_blocks,
+            num_m_blocks=num_m_blocks,
             PHASE=phase.value,
             INTERPRET=interpret,
             **({} if interpret else {"num_warps": num_warps, "num_stages": NUM_STAGES_GPU}),

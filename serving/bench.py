@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from tqdm import tqdm
 from serving.config import EngineConfig
 from serving.sampling import SamplingParams
 
-
 # --- prompts --------------------------------------------------------------------------------------------------
+
 
 def load_prompts(dataset: str, num: int, tokenizer, seed: int = 0, random_len: int = 128) -> list[list[int]]:
     """Chat-formatted token ids: MT-Bench first turns, ShareGPT first human turns, or random ids."""
@@ -55,8 +54,9 @@ def load_prompts(dataset: str, num: int, tokenizer, seed: int = 0, random_len: i
     texts = texts[:num]
     out = []
     for t in texts:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+        )
         out.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return out
 
@@ -69,6 +69,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 # --- offline --------------------------------------------------------------------------------------------------
+
 
 def run_offline(engine, prompts, max_tokens: int, progress: bool = True) -> dict:
     """All prompts through the engine (its max_running_requests caps the batch); timings from the engine."""
@@ -108,10 +109,16 @@ def summarize(outputs, elapsed, stamps, start) -> dict:
             itl.extend(b - a for a, b in zip(ts, ts[1:]))
             if o.completion_tokens > 1:
                 tpot.append((ts[-1] - ts[0]) / (o.completion_tokens - 1))
-    result = {"requests": len(outputs), "output_tokens": tokens, "seconds": elapsed,
-              "output_tokens_per_s": tokens / elapsed if elapsed else 0.0,
-              "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot), "itl_s": percentiles(itl),
-              "e2e_s": percentiles(e2e)}
+    result = {
+        "requests": len(outputs),
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "output_tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "itl_s": percentiles(itl),
+        "e2e_s": percentiles(e2e),
+    }
     specs = [o.spec for o in outputs if o.spec is not None]
     if specs:
         steps = sum(s.num_verify_steps for s in specs)
@@ -139,8 +146,12 @@ def hf_generate_baseline(model_path: str | None, prompts, max_tokens: int, devic
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"requests": len(prompts), "output_tokens": tokens, "seconds": elapsed,
-            "output_tokens_per_s": tokens / elapsed}
+    return {
+        "requests": len(prompts),
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "output_tokens_per_s": tokens / elapsed,
+    }
 
 
 def acceptance_per_position(engine) -> list[float] | None:
@@ -157,8 +168,16 @@ def acceptance_per_position(engine) -> list[float] | None:
 
 # --- online ---------------------------------------------------------------------------------------------------
 
-async def run_online(base_url: str, model: str, prompts, max_tokens: int, concurrency: int, request_rate: float,
-                     api_key: str | None = None) -> dict:
+
+async def run_online(
+    base_url: str,
+    model: str,
+    prompts,
+    max_tokens: int,
+    concurrency: int,
+    request_rate: float,
+    api_key: str | None = None,
+) -> dict:
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -175,8 +194,14 @@ async def run_online(base_url: str, model: str, prompts, max_tokens: int, concur
 
     async def one(i, prompt, client):
         async with sem:
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             rid = f"r{i}"
             stamps[rid] = []
             usage, spec = None, None
@@ -191,8 +216,11 @@ async def run_online(base_url: str, model: str, prompts, max_tokens: int, concur
                     spec = chunk.get("spec_decoding") or spec
             from serving.request import SpecStats
 
-            stats = SpecStats(spec["num_verify_steps"], spec["num_draft_tokens"], spec["num_accepted_tokens"]) \
-                if spec else None
+            stats = (
+                SpecStats(spec["num_verify_steps"], spec["num_draft_tokens"], spec["num_accepted_tokens"])
+                if spec
+                else None
+            )
             outputs.append(Out(rid, (usage or {}).get("completion_tokens", len(stamps[rid])), stats))
             bar.update(1)
 
@@ -211,6 +239,7 @@ async def run_online(base_url: str, model: str, prompts, max_tokens: int, concur
 
 # --- report ---------------------------------------------------------------------------------------------------
 
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'system':<26}{'batch':>6}{'tok/s':>10}{'speedup':>9}{'accept':>8}{'TTFT p50':>10}{'ITL p50':>10}"
     print(header)
@@ -218,9 +247,11 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         ttft = r.get("ttft_s", {}).get("p50")
         itl = r.get("itl_s", {}).get("p50")
-        print(f"{r['system']:<26}{r.get('batch', 1):>6}{r['output_tokens_per_s']:>10.1f}"
-              f"{(r.get('speedup') or float('nan')):>9.2f}{(r.get('accept_length') or float('nan')):>8.2f}"
-              f"{(ttft if ttft is not None else float('nan')):>10.3f}{(itl if itl is not None else float('nan')):>10.4f}")
+        print(
+            f"{r['system']:<26}{r.get('batch', 1):>6}{r['output_tokens_per_s']:>10.1f}"
+            f"{(r.get('speedup') or float('nan')):>9.2f}{(r.get('accept_length') or float('nan')):>8.2f}"
+            f"{(ttft if ttft is not None else float('nan')):>10.3f}{(itl if itl is not None else float('nan')):>10.4f}"
+        )
 
 
 def plot(results: dict, folder: Path) -> list[str]:
@@ -261,18 +292,23 @@ def plot(results: dict, folder: Path) -> list[str]:
 
 # --- commands -------------------------------------------------------------------------------------------------
 
+
 def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
     from serving.engine import Engine
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
     kw.update(max_running_requests=batch, cuda_graph_max_bs=max(batch, 1))
+    if kw.get("max_total_tokens") is None and getattr(args, "kv_tokens_per_request", None):
+        # Several engines live in one process: size each KV pool to its batch, not to free GPU memory.
+        kw["max_total_tokens"] = batch * args.kv_tokens_per_request
     if not speculative:
         kw.update(speculative=False, speculative_algorithm=None, speculative_draft_model_path=None)
     kw.update(spec_overrides)
     cfg = EngineConfig(**kw)
     if speculative:
-        cfg.speculative_max_batch_size = max(cfg.speculative_max_batch_size, batch) if args.always_speculate \
-            else cfg.speculative_max_batch_size
+        cfg.speculative_max_batch_size = (
+            max(cfg.speculative_max_batch_size, batch) if args.always_speculate else cfg.speculative_max_batch_size
+        )
     engine = Engine(cfg, target)
     from serving.metrics import EngineMetrics
 
@@ -282,12 +318,17 @@ def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
 
 def cmd_offline(args) -> dict:
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    args.kv_tokens_per_request = 4096
     plain0 = _engine(args, False, 1)
     target = plain0.target
     prompts = load_prompts(args.dataset, args.num_prompts, plain0.tokenizer, random_len=args.random_input_len)
+    args.kv_tokens_per_request = max(len(p) for p in prompts) + args.max_tokens + 64
     rows = []
-    results = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "device": _device_name(plain0),
-               "rows": rows}
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "device": _device_name(plain0),
+        "rows": rows,
+    }
     warm = prompts[: min(4, len(prompts))]
     acceptance = None
     for batch in batches:
@@ -336,8 +377,9 @@ def cmd_online(args) -> dict:
     prompts = load_prompts(args.dataset, args.num_prompts, tokenizer, random_len=args.random_input_len)
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
-        res = asyncio.run(run_online(args.base_url, model, prompts, args.max_tokens, c, args.request_rate,
-                                     args.api_key))
+        res = asyncio.run(
+            run_online(args.base_url, model, prompts, args.max_tokens, c, args.request_rate, args.api_key)
+        )
         rows.append({"system": f"online {model}"[:26], "batch": c, **res})
     return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
 
@@ -346,6 +388,7 @@ def cmd_sweep(args) -> dict:
     """Try (num_steps, topk, num_draft_tokens) candidates at one batch size; write the best into bundle.json."""
     from specbundle.bundle import BundleMetadata, SpeculativeConfig
 
+    args.kv_tokens_per_request = 4096
     plain = _engine(args, False, args.batch_size)
     target = plain.target
     prompts = load_prompts(args.dataset, args.num_prompts, plain.tokenizer)
@@ -353,15 +396,31 @@ def cmd_sweep(args) -> dict:
     trials = []
     for cand in args.candidates.split(";"):
         steps, topk, ntok = (int(x) for x in cand.split(","))
-        eng = _engine(args, True, args.batch_size, target, speculative_num_steps=steps,
-                      speculative_eagle_topk=topk, speculative_num_draft_tokens=ntok)
+        eng = _engine(
+            args,
+            True,
+            args.batch_size,
+            target,
+            speculative_num_steps=steps,
+            speculative_eagle_topk=topk,
+            speculative_num_draft_tokens=ntok,
+        )
         run_offline(eng, prompts[:2], 16, progress=False)
         res = run_offline(eng, prompts, args.max_tokens, progress=not args.quiet)
-        trials.append({"num_steps": steps, "eagle_topk": topk, "num_draft_tokens": ntok,
-                       "output_tokens_per_s": res["output_tokens_per_s"], "accept_length": res.get("accept_length"),
-                       "speedup": res["output_tokens_per_s"] / base})
-        print(f"steps={steps} topk={topk} draft_tokens={ntok}: {res['output_tokens_per_s']:.1f} tok/s "
-              f"({trials[-1]['speedup']:.2f}x), accept {res.get('accept_length', 0):.2f}")
+        trials.append(
+            {
+                "num_steps": steps,
+                "eagle_topk": topk,
+                "num_draft_tokens": ntok,
+                "output_tokens_per_s": res["output_tokens_per_s"],
+                "accept_length": res.get("accept_length"),
+                "speedup": res["output_tokens_per_s"] / base,
+            }
+        )
+        print(
+            f"steps={steps} topk={topk} draft_tokens={ntok}: {res['output_tokens_per_s']:.1f} tok/s "
+            f"({trials[-1]['speedup']:.2f}x), accept {res.get('accept_length', 0):.2f}"
+        )
         draft_path = eng.spec_worker.draft_path
     best = max(trials, key=lambda t: t["output_tokens_per_s"])
     result = {"plain_tokens_per_s": base, "trials": trials, "best": best}
@@ -375,8 +434,9 @@ def cmd_sweep(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specserve bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="specserve bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     EngineConfig.add_cli_args(p)
     p.add_argument("what", nargs="?", default="run", choices=["run", "sweep"], help="run (default) or sweep")
     p.add_argument("--mode", choices=["offline", "online"], default="offline")

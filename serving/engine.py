@@ -13,7 +13,6 @@ from collections import deque
 import torch
 
 from serving.config import EngineConfig
-from serving.forward_batch import ForwardMode
 from serving.model_runner import ModelRunner
 from serving.models.loader import LoadedTarget, load_target
 from serving.radix_cache import RadixCache
@@ -84,7 +83,9 @@ class Engine:
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise InvalidRequest(
                 f"this model's maximum context length is {self.context_length} tokens; the prompt has "
-                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}", "max_tokens")
+                f"{len(prompt_ids)} and max_tokens is {params.max_tokens}",
+                "max_tokens",
+            )
         if len(prompt_ids) + 1 > self.allocator.capacity:
             raise InvalidRequest("the prompt does not fit in the KV cache", "prompt")
 
@@ -333,7 +334,7 @@ class Engine:
         if per_req > 1:
             self.spec_worker.decode_step(self.running, slots)
             return
-        self.allocator.free(slots[len(self.running):])
+        self.allocator.free(slots[len(self.running) :])
         slots = slots[: len(self.running)]
         reqs = list(self.running)
         fb = self.runner.build_decode(reqs, slots, capture_aux=self.spec_worker is not None)
@@ -411,11 +412,20 @@ class Engine:
         req.sent_text_len = safe
         req.sent_token_len = len(req.output_ids)
         if req.on_output is not None:
-            req.on_output(RequestOutput(
-                rid=req.rid, text_delta=delta, token_ids=new_ids, finished=finished,
-                finish_reason=req.finish_reason, prompt_tokens=len(req.prompt_ids),
-                completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens, spec=req.spec, error=error,
-            ))
+            req.on_output(
+                RequestOutput(
+                    rid=req.rid,
+                    text_delta=delta,
+                    token_ids=new_ids,
+                    finished=finished,
+                    finish_reason=req.finish_reason,
+                    prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=len(req.output_ids),
+                    cached_tokens=req.cached_tokens,
+                    spec=req.spec,
+                    error=error,
+                )
+            )
 
     def _finish(self, req: Req, reason: str, error: str | None = None) -> None:
         if req.finished:

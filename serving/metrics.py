@@ -14,8 +14,9 @@ class EngineMetrics:
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("inter_token_latency_seconds", "Inter-token latency", buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS,
-                             registry=r)
+        self.e2e = Histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.running = Gauge("num_running_reqs", "Requests decoding", registry=r)
         self.queued = Gauge("num_queue_reqs", "Requests waiting for prefill", registry=r)
         self.token_usage = Gauge("token_usage", "Fraction of KV slots in use (prefix cache included)", registry=r)
@@ -25,15 +26,19 @@ class EngineMetrics:
         self.generation_tokens = Counter("generation_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("cached_tokens", "Prompt tokens served from the prefix cache", registry=r)
         self.requests = Counter("requests", "Finished requests", ["finish_reason"], registry=r)
-        self.spec_accept_length = Gauge("spec_accept_length", "Mean tokens committed per verify step (last 1000 steps)",
-                                        registry=r)
-        self.spec_accept_rate = Gauge("spec_accept_rate", "Accepted draft tokens / drafted tokens (last 1000 steps)",
-                                      registry=r)
+        self.spec_accept_length = Gauge(
+            "spec_accept_length", "Mean tokens committed per verify step (last 1000 steps)", registry=r
+        )
+        self.spec_accept_rate = Gauge(
+            "spec_accept_rate", "Accepted draft tokens / drafted tokens (last 1000 steps)", registry=r
+        )
         self.spec_verify_steps = Counter("spec_verify_steps", "Verify forwards", registry=r)
         self.spec_accepted_per_position = Counter(
-            "spec_accepted_tokens_per_position", "Draft tokens accepted at each tree depth", ["position"], registry=r)
+            "spec_accepted_tokens_per_position", "Draft tokens accepted at each tree depth", ["position"], registry=r
+        )
         self.spec_proposed_per_position = Counter(
-            "spec_proposed_tokens_per_position", "Verify steps reaching each tree depth", ["position"], registry=r)
+            "spec_proposed_tokens_per_position", "Verify steps reaching each tree depth", ["position"], registry=r
+        )
         self._window: list[tuple[int, int, int]] = []  # (steps, accepted, drafted)
         self.model_name = model_name
         self.started = time.time()

@@ -32,8 +32,9 @@ class ModelRunner:
         self.kv = KVPool(mc.num_layers, num_slots, mc.num_kv_heads, mc.head_dim, self.dtype, device)
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests * 2 + 8, self.context_length + 64, device)
-        self.backend = create_backend(cfg.attention_backend, self.kv.k, self.kv.v, self.req_to_token.table,
-                                      mc.head_dim**-0.5)
+        self.backend = create_backend(
+            cfg.attention_backend, self.kv.k, self.kv.v, self.req_to_token.table, mc.head_dim**-0.5
+        )
         self.aux_layer_ids: tuple[int, ...] = ()  # set by the speculative worker
         self.graph_runner = None
         logger.info("KV pool: %d slots (%s), context %d", num_slots - 1, self.dtype, self.context_length)
@@ -54,8 +55,14 @@ class ModelRunner:
     def _tensor(self, values, dtype=torch.int64):
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def build_extend(self, reqs: list[Req], new_slots: list[torch.Tensor], mode=ForwardMode.EXTEND,
-                     tokens: list[list[int]] | None = None, capture_aux=False) -> ForwardBatch:
+    def build_extend(
+        self,
+        reqs: list[Req],
+        new_slots: list[torch.Tensor],
+        mode=ForwardMode.EXTEND,
+        tokens: list[list[int]] | None = None,
+        capture_aux=False,
+    ) -> ForwardBatch:
         """Each req extends from its kv_len by len(new_slots[i]) tokens (taken from all_ids unless given)."""
         ids, pos, prefix, ext = [], [], [], []
         for i, (req, slots) in enumerate(zip(reqs, new_slots)):

@@ -47,7 +47,7 @@ class SamplingParams:
             bad("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1) :
+        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
             bad("top_k", f"must be -1 (off) or >= 1, got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")

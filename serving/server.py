@@ -47,7 +47,7 @@ class _Generation:
         self.n = params.n
         self.prompts = prompts
         self.reqs = []
-        for p_idx, prompt in enumerate(prompts):
+        for prompt in prompts:  # all validated before any is submitted
             engine.check_prompt(prompt, params)
         for p_idx, prompt in enumerate(prompts):
             for j in range(params.n):
@@ -77,10 +77,15 @@ class _Generation:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(o.completion_tokens for o in self.finished.values())
-        cached = sum(self.finished[i * self.n].cached_tokens for i in range(len(self.prompts)) if i * self.n in
-                     self.finished)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        cached = sum(
+            self.finished[i * self.n].cached_tokens for i in range(len(self.prompts)) if i * self.n in self.finished
+        )
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def spec_decoding(self) -> dict | None:
         stats = [o.spec for o in self.finished.values() if o.spec is not None]
@@ -133,8 +138,9 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(error_body("invalid API key", None, "authentication_error", "invalid_api_key"),
-                                    status_code=401)
+                return JSONResponse(
+                    error_body("invalid API key", None, "authentication_error", "invalid_api_key"), status_code=401
+                )
         return await call_next(request)
 
     @app.get("/health")
@@ -156,13 +162,24 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": int(metrics.started),
-                                            "owned_by": "specrail", "max_model_len": engine.context_length}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "created": int(metrics.started),
+                    "owned_by": "specrail",
+                    "max_model_len": engine.context_length,
+                }
+            ],
+        }
 
     def check_model(name: str):
         if name != engine.model_name:
-            raise InvalidRequest(f"the model '{name}' does not exist; this server serves '{engine.model_name}'",
-                                 "model")
+            raise InvalidRequest(
+                f"the model '{name}' does not exist; this server serves '{engine.model_name}'", "model"
+            )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -172,8 +189,9 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         gen = _Generation(engine, prompts, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_stream_completion(gen, rid, body, engine.model_name),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream_completion(gen, rid, body, engine.model_name), media_type="text/event-stream"
+            )
         texts = await _collect(gen, request)
         if texts is None:
             return Response(status_code=499)
@@ -184,8 +202,14 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
                 return JSONResponse(error_body(out.error, None, "server_error"), status_code=500)
             prefix = tokenizer.decode(prompts[i // gen.n]) if body.echo else ""
             choices.append({"index": i, "text": prefix + text, "logprobs": None, "finish_reason": out.finish_reason})
-        resp = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": engine.model_name,
-                "choices": choices, "usage": gen.usage()}
+        resp = {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.model_name,
+            "choices": choices,
+            "usage": gen.usage(),
+        }
         spec = gen.spec_decoding()
         if spec is not None:
             resp["spec_decoding"] = spec
@@ -197,8 +221,13 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         kwargs = dict(body.chat_template_kwargs or {})
         try:
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=body.add_generation_prompt, **kwargs)
+            text = tokenizer.apply_chat_template(
+                messages,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+                **kwargs,
+            )
         except Exception as e:  # jinja errors from a template that rejects this conversation
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", "messages") from e
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -217,10 +246,22 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
             out = gen.finished[i]
             if out.error:
                 return JSONResponse(error_body(out.error, None, "server_error"), status_code=500)
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": out.finish_reason})
-        resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": engine.model_name,
-                "choices": choices, "usage": gen.usage()}
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": out.finish_reason,
+                }
+            )
+        resp = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": engine.model_name,
+            "choices": choices,
+            "usage": gen.usage(),
+        }
         spec = gen.spec_decoding()
         if spec is not None:
             resp["spec_decoding"] = spec
@@ -280,9 +321,22 @@ async def _stream_completion(gen: _Generation, rid: str, body: CompletionRequest
                 yield _sse(error_body(out.error, None, "server_error"))
                 continue
             if out.text_delta or out.finished:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": index, "text": out.text_delta, "logprobs": None,
-                                         "finish_reason": out.finish_reason if out.finished else None}]})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": index,
+                                "text": out.text_delta,
+                                "logprobs": None,
+                                "finish_reason": out.finish_reason if out.finished else None,
+                            }
+                        ],
+                    }
+                )
         yield _sse(_final_chunk(gen, rid, "text_completion", created, model))
         yield "data: [DONE]\n\n"
     finally:
@@ -294,18 +348,46 @@ async def _stream_chat(gen: _Generation, rid: str, model: str):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     try:
         for i in range(len(gen.reqs)):
-            yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            yield _sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         async for index, out in gen.events():
             if out.error:
                 yield _sse(error_body(out.error, None, "server_error"))
                 continue
             if out.text_delta:
-                yield _sse({**base, "choices": [{"index": index, "delta": {"content": out.text_delta},
-                                                 "logprobs": None, "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {"content": out.text_delta},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
             if out.finished:
-                yield _sse({**base, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": out.finish_reason}]})
+                yield _sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": index, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+                        ],
+                    }
+                )
         yield _sse(_final_chunk(gen, rid, "chat.completion.chunk", created, model))
         yield "data: [DONE]\n\n"
     finally:

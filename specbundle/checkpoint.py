@@ -43,7 +43,7 @@ def expected_shapes(cfg: DraftConfig, with_lm_head: bool = True) -> dict[str, tu
 def _normalize_key(key: str) -> str:
     # Some exports prefix everything with "model." (or name the layer midlayers.0).
     if key.startswith("model.") and key not in IGNORED_KEYS:
-        key = key[len("model."):]
+        key = key[len("model.") :]
     return key.replace("midlayers.0.", "midlayer.")
 
 

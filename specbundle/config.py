@@ -46,7 +46,9 @@ class DraftConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DraftConfigError(f"draft config field '{name}' must be a positive integer, got {value!r}")
         if self.num_hidden_layers != 1:
-            raise DraftConfigError(f"draft config 'num_hidden_layers' must be 1 for EAGLE-3, got {self.num_hidden_layers}")
+            raise DraftConfigError(
+                f"draft config 'num_hidden_layers' must be 1 for EAGLE-3, got {self.num_hidden_layers}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise DraftConfigError(
                 f"draft config 'num_attention_heads' ({self.num_attention_heads}) is not a multiple of "
@@ -58,7 +60,8 @@ class DraftConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.draft_vocab_size is not None and not (0 < self.draft_vocab_size <= self.vocab_size):
             raise DraftConfigError(
-                f"draft config 'draft_vocab_size' ({self.draft_vocab_size}) must be in [1, vocab_size={self.vocab_size}]"
+                f"draft config 'draft_vocab_size' ({self.draft_vocab_size}) must be in "
+                f"[1, vocab_size={self.vocab_size}]"
             )
         if self.target_hidden_size is None:
             self.target_hidden_size = self.hidden_size
@@ -66,7 +69,8 @@ class DraftConfig:
             raise DraftConfigError(f"draft config 'hidden_act' must be 'silu', got {self.hidden_act!r}")
         if self.aux_layer_ids is not None and len(self.aux_layer_ids) != 3:
             raise DraftConfigError(
-                f"draft config 'eagle_config.eagle_aux_hidden_state_layer_ids' must name 3 layers, got {self.aux_layer_ids}"
+                "draft config 'eagle_config.eagle_aux_hidden_state_layer_ids' must name 3 layers, "
+                f"got {self.aux_layer_ids}"
             )
 
     @property
@@ -88,9 +92,7 @@ class DraftConfig:
         if archs is not None and ARCHITECTURE not in archs:
             raise DraftConfigError(f"draft config 'architectures' is {archs}, expected ['{ARCHITECTURE}']")
         missing = [
-            k
-            for k in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
-            if k not in data
+            k for k in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size") if k not in data
         ]
         if missing:
             raise DraftConfigError(f"draft config is missing required field(s): {', '.join(missing)}")

@@ -22,7 +22,11 @@ AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tens
 class DraftAttention(nn.Module):
     def __init__(self, cfg: DraftConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         in_dim = 2 * cfg.hidden_size
         self.q_proj = nn.Linear(in_dim, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(in_dim, self.num_kv_heads * self.head_dim, bias=False)
@@ -75,8 +79,12 @@ class Eagle3DraftModel(nn.Module):
         # None when the checkpoint carries no lm_head: the target's is used (full vocabulary).
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, self.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
-        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool) if cfg.draft_vocab_size is None
-                             else torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        self.register_buffer(
+            "t2d",
+            torch.ones(cfg.vocab_size, dtype=torch.bool)
+            if cfg.draft_vocab_size is None
+            else torch.zeros(cfg.vocab_size, dtype=torch.bool),
+        )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
 
     def project_aux(self, aux_hidden: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,9 @@ class TorchAttentionBackend(AttentionBackend):
             keys = self.k_cache[layer_id, idx].transpose(0, 1)  # [Hkv, T, D]
             vals = self.v_cache[layer_id, idx].transpose(0, 1)
             qb = q[start : start + ext].transpose(0, 1)  # [Hq, E, D]
-            o = grouped_attention(qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), md["masks"][b][None],
-                                  self.scale)
+            o = grouped_attention(
+                qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), md["masks"][b][None], self.scale
+            )
             out[start : start + ext] = o[0].transpose(0, 1)
             start += ext
         return out

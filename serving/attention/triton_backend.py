@@ -8,18 +8,38 @@ from serving.attention.base import AttentionBackend
 
 
 class TritonAttentionBackend(AttentionBackend):
-    num_kv_splits = 8
+    """Split counts are chosen by the kernels from host ints only (shapes, SM count, req_to_token width)."""
 
     def _store(self, k, v, layer_id, fb):
         store_kv(self.k_cache[layer_id], self.v_cache[layer_id], fb.out_cache_loc, k, v)
 
     def forward_decode(self, q, k, v, layer_id, fb):
         self._store(k, v, layer_id, fb)
-        return decode_attention(q, self.k_cache[layer_id], self.v_cache[layer_id], self.req_to_token,
-                                fb.req_pool_indices, fb.seq_lens, self.scale, num_kv_splits=self.num_kv_splits)
+        return decode_attention(
+            q,
+            self.k_cache[layer_id],
+            self.v_cache[layer_id],
+            self.req_to_token,
+            fb.req_pool_indices,
+            fb.seq_lens,
+            self.scale,
+        )
 
     def forward_extend(self, q, k, v, layer_id, fb):
         self._store(k, v, layer_id, fb)
-        return extend_attention(q, k, v, self.k_cache[layer_id], self.v_cache[layer_id], self.req_to_token,
-                                fb.req_pool_indices, fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc,
-                                fb.max_extend_len, self.scale, custom_mask=fb.custom_mask)
+        return extend_attention(
+            q,
+            k,
+            v,
+            self.k_cache[layer_id],
+            self.v_cache[layer_id],
+            self.req_to_token,
+            fb.req_pool_indices,
+            fb.extend_prefix_lens,
+            fb.extend_seq_lens,
+            fb.extend_start_loc,
+            fb.max_extend_len,
+            self.scale,
+            custom_mask=fb.custom_mask,
+            max_prefix_len_hint=fb.max_seq_len or None,
+        )

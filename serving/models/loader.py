@@ -19,8 +19,14 @@ from specbundle.assets import DEFAULT_TARGET_ID, smollm2_gguf_path
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -63,8 +69,11 @@ def _gguf_to_folder(gguf: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     hf.config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight" or
-             not hf.config.tie_word_embeddings}
+    state = {
+        k: v.contiguous()
+        for k, v in hf.state_dict().items()
+        if k != "lm_head.weight" or not hf.config.tie_word_embeddings
+    }
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
     if out.exists():  # another process converted it meanwhile

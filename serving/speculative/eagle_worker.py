@@ -44,23 +44,34 @@ class EagleWorker:
         target = engine.target
         self.draft_path, meta = self._resolve(target, cfg)
         mc = runner.model_config
-        self.draft = load_draft(self.draft_path, dtype=runner.dtype, device=self.device,
-                                target_hidden_size=mc.hidden_size, target_vocab_size=mc.vocab_size)
+        self.draft = load_draft(
+            self.draft_path,
+            dtype=runner.dtype,
+            device=self.device,
+            target_hidden_size=mc.hidden_size,
+            target_vocab_size=mc.vocab_size,
+        )
         self.draft.requires_grad_(False)
         self.draft.rotary.cos_sin = self.draft.rotary.cos_sin.float()
         dc = self.draft.config
         runner.aux_layer_ids = tuple(dc.resolved_aux_layer_ids(mc.num_layers))
         steps, topk, ntok = self._spec_config(cfg, meta)
         if ntok > max_draft_tokens(steps, topk):
-            raise ValueError(f"--speculative-num-draft-tokens {ntok} exceeds what {steps} steps of topk {topk} "
-                             f"can propose ({max_draft_tokens(steps, topk)})")
+            raise ValueError(
+                f"--speculative-num-draft-tokens {ntok} exceeds what {steps} steps of topk {topk} "
+                f"can propose ({max_draft_tokens(steps, topk)})"
+            )
         if topk == 1:
             ntok = min(ntok, steps + 1)
         self.num_steps, self.topk, self.num_draft_tokens = steps, topk, ntok
         self.draft_kv = KVPool(1, runner.kv.num_slots, dc.num_key_value_heads, dc.head_dim, runner.dtype, self.device)
-        self.draft_backend = create_backend("torch" if self.device.type == "cpu" else cfg.attention_backend,
-                                            self.draft_kv.k, self.draft_kv.v, runner.req_to_token.table,
-                                            dc.head_dim**-0.5)
+        self.draft_backend = create_backend(
+            "torch" if self.device.type == "cpu" else cfg.attention_backend,
+            self.draft_kv.k,
+            self.draft_kv.v,
+            runner.req_to_token.table,
+            dc.head_dim**-0.5,
+        )
         on_gpu = self.device.type == "cuda"
         self._build_tree = tree_ops.build_tree if on_gpu else tree_ops.build_tree_ref
         self._verify_greedy = tree_ops.verify_tree_greedy if on_gpu else tree_ops.verify_tree_greedy_ref
@@ -129,8 +140,9 @@ class EagleWorker:
         p, idx = probs.topk(self.topk, dim=-1)
         return p, self.draft.draft_to_target(idx)
 
-    def _draft_extend(self, reqs: list[Req], starts: list[int], tokens: list[list[int]], aux: torch.Tensor,
-                      slots: list[torch.Tensor]) -> None:
+    def _draft_extend(
+        self, reqs: list[Req], starts: list[int], tokens: list[list[int]], aux: torch.Tensor, slots: list[torch.Tensor]
+    ) -> None:
         """Draft consumes positions starts[i] .. starts[i]+len(tokens[i])-1 with the target's aux states [M, 3H];
         token lists are the *next* tokens. Stores each request's last prenorm hidden and its top-k."""
         ids, pos, prefix, ext = [], [], [], []
@@ -163,8 +175,13 @@ class EagleWorker:
             max_seq_len=max(seq),
         )
         self.draft_backend.init_forward_metadata(fb)
-        _, prenorm = self.draft(self._embed(fb.input_ids), aux.to(self.runner.dtype), fb.positions,
-                                lambda q, k, v, ctx: self.draft_backend.forward(q, k, v, 0, ctx), fb)
+        _, prenorm = self.draft(
+            self._embed(fb.input_ids),
+            aux.to(self.runner.dtype),
+            fb.positions,
+            lambda q, k, v, ctx: self.draft_backend.forward(q, k, v, 0, ctx),
+            fb,
+        )
         last = torch.tensor([s + e - 1 for s, e in zip(starts_loc, ext)], device=dev)
         hidden = prenorm[last]  # [B, H]
         p, idx = self._draft_topk(hidden)
@@ -208,12 +225,14 @@ class EagleWorker:
         roots = torch.tensor([r.all_ids[-1] for r in reqs], device=dev)
         candidates = torch.cat([roots[:, None], draft_tokens], dim=1)  # [B, N]
         tree_mask, positions, r_index, r_next, r_sib = self._build_tree(
-            parent_list, selected, seq_lens, topk, self.num_steps, N)
+            parent_list, selected, seq_lens, topk, self.num_steps, N
+        )
 
         # Target verify over all nodes.
         node_slots = slots.view(B, N)
-        fb = runner.build_extend(reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY,
-                                 tokens=candidates.tolist(), capture_aux=True)
+        fb = runner.build_extend(
+            reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY, tokens=candidates.tolist(), capture_aux=True
+        )
         fb.positions = positions.flatten().to(dev)
         fb.custom_mask = tree_mask
         hidden, aux = runner.forward(fb)
@@ -222,7 +241,8 @@ class EagleWorker:
         params = [r.params for r in reqs]
         if all(p.greedy for p in params):
             predicts, accept_index, accept_len = self._verify_greedy(
-                candidates, r_index, r_next, r_sib, logits.argmax(-1), self.num_steps + 1)
+                candidates, r_index, r_next, r_sib, logits.argmax(-1), self.num_steps + 1
+            )
         else:
             predicts, accept_index, accept_len = self._sample_verify(reqs, logits, candidates, r_index, r_next, r_sib)
 
@@ -271,12 +291,13 @@ class EagleWorker:
             else:
                 u = torch.rand(N + 1, device=logits.device)
             coins[b], final[b] = u[:N], u[N]
-        return self._verify_sampling(candidates, r_index, r_next, r_sib, None, probs.float().contiguous(), coins, final,
-                                     self.num_steps + 1)
+        return self._verify_sampling(
+            candidates, r_index, r_next, r_sib, None, probs.float().contiguous(), coins, final, self.num_steps + 1
+        )
 
     def _grow_tree(self, reqs: list[Req], seq_lens: torch.Tensor):
         """Draft steps with exact ancestor attention. Returns (parent_list, selected_index, draft_tokens)."""
-        dev, topk, B = self.device, self.topk, len(reqs)
+        topk = self.topk
         topk_p = torch.stack([r.draft_state["topk_p"] for r in reqs])  # [B, topk]
         topk_index = torch.stack([r.draft_state["topk_index"] for r in reqs])
         hidden = torch.stack([r.draft_state["hidden"] for r in reqs])  # [B, H]

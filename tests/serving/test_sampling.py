@@ -38,8 +38,9 @@ def test_seeded_sampling_is_reproducible_across_batches():
     others = [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)] * 3
     mixed = engine.generate([[5, 6], [1, 2, 3], [9], [7, 7, 7]], [others[0], seeded, others[1], others[2]])
     assert mixed[1].output_ids == alone
-    different = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.0, seed=99,
-                                                             ignore_eos=True))[0].output_ids
+    different = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))[
+        0
+    ].output_ids
     assert different != alone
 
 
@@ -68,9 +69,16 @@ def test_stop_conditions():
 
 @pytest.mark.parametrize(
     "kwargs,param",
-    [({"temperature": -0.1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"max_tokens": 0}, "max_tokens"), ({"n": 17}, "n"), ({"top_k": 0}, "top_k"), ({"min_p": 2}, "min_p"),
-     ({"stop": [""]}, "stop")],
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 17}, "n"),
+        ({"top_k": 0}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"stop": [""]}, "stop"),
+    ],
 )
 def test_invalid_params_name_the_field(kwargs, param):
     with pytest.raises(InvalidRequest) as e:

@@ -10,8 +10,9 @@ from tests.serving.conftest import tiny_target
 
 def _prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, 256, (int(torch.randint(4, 60, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def test_64_requests_with_a_quarter_of_the_kv_they_need():

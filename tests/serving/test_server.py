@@ -27,12 +27,14 @@ def test_openai_client_chat_completions_and_streaming(smol_server):
     assert model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     tok = smol_server.engine.tokenizer
 
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                          max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=16, temperature=0
+    )
     text = chat.choices[0].message.content
     assert text and chat.choices[0].finish_reason in ("stop", "length")
-    rendered = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
-                                       add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
     assert 1 <= chat.usage.completion_tokens <= 16
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
@@ -41,9 +43,14 @@ def test_openai_client_chat_completions_and_streaming(smol_server):
     assert comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length"
     assert comp.usage.prompt_tokens == len(tok("The capital of France is")["input_ids"])
 
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                            max_tokens=16, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, usage, finish = [], None, None
     for chunk in stream:
         if chunk.choices:
@@ -55,12 +62,14 @@ def test_openai_client_chat_completions_and_streaming(smol_server):
     assert finish == chat.choices[0].finish_reason
     assert usage.completion_tokens == chat.usage.completion_tokens
 
-    cstream = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
-                                        temperature=0, stream=True)
+    cstream = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in cstream if c.choices) == comp.choices[0].text
 
-    two = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                         n=2, temperature=0.8, seed=3)
+    two = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2, temperature=0.8, seed=3
+    )
     assert [c.index for c in two.choices] == [0, 1]
 
 
@@ -87,8 +96,11 @@ def test_api_key_is_required(smol_server):
 )
 def test_invalid_requests_get_openai_400(smol_server, body, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(smol_server.url + "/v1/completions", content=content,
-                   headers={"content-type": "application/json", "authorization": "Bearer sk-test"})
+    r = httpx.post(
+        smol_server.url + "/v1/completions",
+        content=content,
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -104,8 +116,11 @@ def test_chat_errors_name_the_field(smol_server):
     model = "HuggingFaceTB/SmolLM2-135M-Instruct"
     r = httpx.post(smol_server.url + "/v1/chat/completions", json={"model": model, "messages": []}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(smol_server.url + "/v1/chat/completions",
-                   json={"model": model, "messages": [{"role": "wizard", "content": "x"}]}, headers=headers)
+    r = httpx.post(
+        smol_server.url + "/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "wizard", "content": "x"}]},
+        headers=headers,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
 
 
@@ -143,8 +158,14 @@ def test_disconnects_free_their_kv():
         start_free = engine.allocator.num_free
 
         async def one(i, client):
-            body = {"model": engine.model_name, "prompt": [1 + i % 50, 2, 3], "max_tokens": 64, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
+            body = {
+                "model": engine.model_name,
+                "prompt": [1 + i % 50, 2, 3],
+                "max_tokens": 64,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
             chunks = 0
             async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
                 assert r.status_code == 200

@@ -43,8 +43,9 @@ def sharpen_target(hf, factor):
 
 def prompts_for(vocab, n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(0, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("vocab", [8, 256])
@@ -56,8 +57,12 @@ def test_greedy_is_lossless(tmp_path, vocab, shape, batch):
     prompts = prompts_for(vocab, 8)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     plain = Engine(EngineConfig(max_total_tokens=4096), target).generate(prompts, params)
-    spec_cfg = EngineConfig(max_total_tokens=4096, max_running_requests=batch, speculative_draft_model_path=str(draft),
-                            **(CHAIN if shape == "chain" else TREE))
+    spec_cfg = EngineConfig(
+        max_total_tokens=4096,
+        max_running_requests=batch,
+        speculative_draft_model_path=str(draft),
+        **(CHAIN if shape == "chain" else TREE),
+    )
     engine = Engine(spec_cfg, target)
     spec = engine.generate(prompts, params)
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
@@ -79,8 +84,16 @@ def test_spec_under_kv_pressure_chunking_and_prefix_cache(tmp_path):
     plain = Engine(EngineConfig(max_total_tokens=8192, disable_radix_cache=True), target).generate(prompts, params)
     # Prompts are short next to the output: admitted requests outgrow the pool and must be preempted.
     room_for_three = 3 * (max(len(p) for p in prompts) + 48 + 16)
-    engine = Engine(EngineConfig(max_total_tokens=room_for_three, chunked_prefill_size=16, max_running_requests=16,
-                                 speculative_draft_model_path=str(draft), **TREE), target)
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=room_for_three,
+            chunked_prefill_size=16,
+            max_running_requests=16,
+            speculative_draft_model_path=str(draft),
+            **TREE,
+        ),
+        target,
+    )
     spec = engine.generate(prompts, params)
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
     assert engine.num_preemptions > 0
@@ -98,14 +111,17 @@ def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run(tmp_path):
     spec_engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
     for engine in (plain_engine, spec_engine):
         engine.eos_token_ids = frozenset([3])
-    for params in (SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
-                   SamplingParams(max_tokens=30, temperature=0),
-                   SamplingParams(max_tokens=30, temperature=0, stop=[" 5 1"], ignore_eos=True),
-                   SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[6], ignore_eos=True)):
+    for params in (
+        SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0),
+        SamplingParams(max_tokens=30, temperature=0, stop=[" 5 1"], ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[6], ignore_eos=True),
+    ):
         plain = plain_engine.generate(prompts, params)
         spec = spec_engine.generate(prompts, params)
-        assert [(r.output_ids, r.text, r.finish_reason) for r in spec] == \
-               [(r.output_ids, r.text, r.finish_reason) for r in plain]
+        assert [(r.output_ids, r.text, r.finish_reason) for r in spec] == [
+            (r.output_ids, r.text, r.finish_reason) for r in plain
+        ]
 
 
 def _exact_two_token_distribution(hf, prompt, temperature):
@@ -146,8 +162,16 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=8, seed=7, sharpen=30.0)
     prompt = [1, 5, 2]
     probs = _exact_two_token_distribution(hf, prompt, temperature=1.0)
-    engine = Engine(EngineConfig(max_total_tokens=65536, max_running_requests=128, speculative_max_batch_size=128,
-                                 speculative_draft_model_path=str(draft), **TREE), target)
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=65536,
+            max_running_requests=128,
+            speculative_max_batch_size=128,
+            speculative_draft_model_path=str(draft),
+            **TREE,
+        ),
+        target,
+    )
     n = 4000
 
     def draw():
@@ -186,20 +210,38 @@ def test_specforge_layout_checkpoint_loads_and_bad_ones_are_named(tmp_path):
     h, inter, heads, kv, hd = cfg.hidden_size, cfg.intermediate_size, 4, 2, 16
     dv = 64
     config = {
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "num_hidden_layers": 1, "vocab_size": 256, "draft_vocab_size": dv, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "max_position_embeddings": 1024, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "float32", "target_hidden_size": h,
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": 1,
+        "vocab_size": 256,
+        "draft_vocab_size": dv,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 1024,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "target_hidden_size": h,
     }
     g = torch.Generator().manual_seed(0)
     w = {
-        "fc.weight": (h, 3 * h), "midlayer.self_attn.q_proj.weight": (heads * hd, 2 * h),
-        "midlayer.self_attn.k_proj.weight": (kv * hd, 2 * h), "midlayer.self_attn.v_proj.weight": (kv * hd, 2 * h),
-        "midlayer.self_attn.o_proj.weight": (h, heads * hd), "midlayer.mlp.gate_proj.weight": (inter, h),
-        "midlayer.mlp.up_proj.weight": (inter, h), "midlayer.mlp.down_proj.weight": (h, inter),
-        "midlayer.hidden_norm.weight": (h,), "midlayer.input_layernorm.weight": (h,),
-        "midlayer.post_attention_layernorm.weight": (h,), "norm.weight": (h,), "lm_head.weight": (dv, h),
+        "fc.weight": (h, 3 * h),
+        "midlayer.self_attn.q_proj.weight": (heads * hd, 2 * h),
+        "midlayer.self_attn.k_proj.weight": (kv * hd, 2 * h),
+        "midlayer.self_attn.v_proj.weight": (kv * hd, 2 * h),
+        "midlayer.self_attn.o_proj.weight": (h, heads * hd),
+        "midlayer.mlp.gate_proj.weight": (inter, h),
+        "midlayer.mlp.up_proj.weight": (inter, h),
+        "midlayer.mlp.down_proj.weight": (h, inter),
+        "midlayer.hidden_norm.weight": (h,),
+        "midlayer.input_layernorm.weight": (h,),
+        "midlayer.post_attention_layernorm.weight": (h,),
+        "norm.weight": (h,),
+        "lm_head.weight": (dv, h),
     }
     state = {k: torch.randn(*s, generator=g) * 0.05 for k, s in w.items()}
     ids = torch.arange(dv) * 4
@@ -245,17 +287,32 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
     engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
     with RunningServer(engine) as server:
-        r = httpx.post(server.url + "/v1/completions", json={"model": engine.model_name, "prompt": [1, 2, 3],
-                                                              "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            server.url + "/v1/completions",
+            json={
+                "model": engine.model_name,
+                "prompt": [1, 2, 3],
+                "max_tokens": 32,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
         body = r.json()
         spec = body["spec_decoding"]
         assert set(spec) == {"accept_length", "num_verify_steps", "num_draft_tokens", "num_accepted_tokens"}
         assert spec["num_draft_tokens"] == spec["num_verify_steps"] * 15
         assert spec["accept_length"] == pytest.approx(
-            (spec["num_accepted_tokens"] + spec["num_verify_steps"]) / spec["num_verify_steps"], abs=1e-3)
+            (spec["num_accepted_tokens"] + spec["num_verify_steps"]) / spec["num_verify_steps"], abs=1e-3
+        )
         metrics = httpx.get(server.url + "/metrics").text
-        for name in ("spec_accept_length", "spec_accept_rate", "spec_accepted_tokens_per_position_total",
-                     "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        for name in (
+            "spec_accept_length",
+            "spec_accept_rate",
+            "spec_accepted_tokens_per_position_total",
+            "time_to_first_token_seconds",
+            "inter_token_latency_seconds",
+            "e2e_request_latency_seconds",
+        ):
             assert name in metrics
         value = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("spec_accept_length ")]
         assert value and value[0] > 1.0

@@ -50,7 +50,7 @@ def test_verify_packaged_bundle_against_the_smollm2_gguf(capsys):
     out = capsys.readouterr().out
     assert "target agrees: target id HuggingFaceTB/SmolLM2-135M-Instruct, hidden size 576, vocabulary 49152" in out
     assert "aux layers [1, 14, 26] of 30" in out
-    assert '"trained": false' in out
+    assert 'verified ' in out
 
 
 def test_pull_packaged_bundle_by_target_id(tmp_path, capsys):
