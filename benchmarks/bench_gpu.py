@@ -75,30 +75,25 @@ def _graph_step_ms(engine) -> float | None:
 
 
 def greedy_agreement(n_prompts: int, tokens: int) -> dict:
-    """GPU path (Triton + CUDA graphs) against the torch reference backend: fp32 exact, bf16 per-prompt."""
+    """GPU path (Triton + CUDA graphs) against the torch reference backend in the same dtype: identical prompts."""
     from serving.config import EngineConfig
     from serving.engine import Engine
     from serving.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    ref = Engine(
-        EngineConfig(
-            dtype="float32",
-            attention_backend="torch",
-            disable_cuda_graph=True,
-            max_total_tokens=65536,
-            max_running_requests=8,
-        )
-    )
-    prompts = _prompts(ref, n_prompts)
-    ref_out = [r.output_ids for r in ref.generate(prompts, params)]
-    del ref
     out = {}
+    prompts = None
     for dtype in ("float32", "bfloat16"):
-        eng = Engine(EngineConfig(dtype=dtype, max_running_requests=8, max_total_tokens=65536))
+        common = dict(dtype=dtype, max_running_requests=8, max_total_tokens=65536)
+        ref = Engine(EngineConfig(attention_backend="torch", disable_cuda_graph=True, **common))
+        prompts = prompts or _prompts(ref, n_prompts)
+        ref_out = [r.output_ids for r in ref.generate(prompts, params)]
+        del ref
+        eng = Engine(EngineConfig(**common))
         got = [r.output_ids for r in eng.generate(prompts, params)]
         out[dtype] = sum(a == b for a, b in zip(got, ref_out))
         del eng
+        torch.cuda.empty_cache()
     return {
         "prompts": len(prompts),
         "tokens": tokens,
