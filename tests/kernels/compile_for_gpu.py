@@ -99,11 +99,11 @@ def main() -> int:
                 q_ptr=bf, k_ptr=bf, v_ptr=bf, out_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32",
                 req_pool_indices_ptr="*i64", prefix_lens_ptr="*i32", extend_lens_ptr="*i32",
                 extend_start_loc_ptr="*i32", custom_mask_ptr="*u8" if mask else bf, partial_out_ptr="*fp32",
-                partial_lse_ptr="*fp32", qk_scale="fp32",
+                partial_lse_ptr="*fp32", qk_scale="fp32", num_m_blocks="i32",
             ),
             dict(
                 GROUP=group, BLOCK_G=group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128,
-                USE_CUSTOM_MASK=mask, NUM_SPLITS=4, NUM_M_BLOCKS=2, PHASE=phase.value, INTERPRET=False,
+                USE_CUSTOM_MASK=mask, NUM_SPLITS=4, PHASE=phase.value, INTERPRET=False,
             ),
             num_warps=8 if group * block_m >= 128 else 4,
             num_stages=ea.NUM_STAGES_GPU,
