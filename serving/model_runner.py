@@ -62,17 +62,21 @@ class ModelRunner:
         mode=ForwardMode.EXTEND,
         tokens: list[list[int]] | None = None,
         capture_aux=False,
+        starts: list[int] | None = None,
+        attn_backend=None,
     ) -> ForwardBatch:
-        """Each req extends from its kv_len by len(new_slots[i]) tokens (taken from all_ids unless given)."""
+        """Each req extends from its kv_len (or starts[i], whose slots are already in req_to_token) by
+        len(new_slots[i]) tokens, taken from all_ids unless given."""
         ids, pos, prefix, ext = [], [], [], []
         for i, (req, slots) in enumerate(zip(reqs, new_slots)):
-            start, n = req.kv_len, slots.numel()
+            start, n = (req.kv_len if starts is None else starts[i]), slots.numel()
             toks = tokens[i] if tokens is not None else req.all_ids[start : start + n]
             ids.extend(toks)
             pos.extend(range(start, start + n))
             prefix.append(start)
             ext.append(n)
-            self.req_to_token.write(req.row, start, slots)
+            if starts is None:
+                self.req_to_token.write(req.row, start, slots)
         loc = torch.cat(new_slots).to(self.device, non_blocking=True)
         seq = [p + e for p, e in zip(prefix, ext)]
         starts = [0]
@@ -94,7 +98,7 @@ class ModelRunner:
             seq_lens_cpu=seq,
             max_seq_len=max(seq),
             aux_layer_ids=self.aux_layer_ids if capture_aux else (),
-            attn_backend=self.backend,
+            attn_backend=attn_backend or self.backend,
         )
 
     def build_decode(self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False) -> ForwardBatch:

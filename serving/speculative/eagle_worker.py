@@ -145,35 +145,8 @@ class EagleWorker:
     ) -> None:
         """Draft consumes positions starts[i] .. starts[i]+len(tokens[i])-1 with the target's aux states [M, 3H];
         token lists are the *next* tokens. Stores each request's last prenorm hidden and its top-k."""
-        ids, pos, prefix, ext = [], [], [], []
-        for s, toks in zip(starts, tokens):
-            ids.extend(toks)
-            pos.extend(range(s, s + len(toks)))
-            prefix.append(s)
-            ext.append(len(toks))
-        dev = self.device
-        seq = [p + e for p, e in zip(prefix, ext)]
-        starts_loc = [0]
-        for e in ext[:-1]:
-            starts_loc.append(starts_loc[-1] + e)
-        from serving.forward_batch import ForwardBatch
-
-        fb = ForwardBatch(
-            mode=ForwardMode.DRAFT_EXTEND,
-            input_ids=torch.tensor(ids, device=dev),
-            positions=torch.tensor(pos, device=dev),
-            out_cache_loc=torch.cat(slots).to(dev),
-            req_pool_indices=torch.tensor([r.row for r in reqs], device=dev),
-            seq_lens=torch.tensor(seq, device=dev),
-            extend_prefix_lens=torch.tensor(prefix, device=dev),
-            extend_seq_lens=torch.tensor(ext, device=dev),
-            extend_start_loc=torch.tensor(starts_loc, device=dev),
-            extend_seq_lens_cpu=ext,
-            extend_prefix_lens_cpu=prefix,
-            max_extend_len=max(ext),
-            seq_lens_cpu=seq,
-            max_seq_len=max(seq),
-        )
+        fb = self.runner.build_extend(reqs, slots, ForwardMode.DRAFT_EXTEND, tokens=tokens, starts=starts,
+                                      attn_backend=self.draft_backend)
         self.draft_backend.init_forward_metadata(fb)
         _, prenorm = self.draft(
             self._embed(fb.input_ids),
@@ -182,13 +155,14 @@ class EagleWorker:
             lambda q, k, v, ctx: self.draft_backend.forward(q, k, v, 0, ctx),
             fb,
         )
-        last = torch.tensor([s + e - 1 for s, e in zip(starts_loc, ext)], device=dev)
+        ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0) - 1
+        last = ends.to(self.device)
         hidden = prenorm[last]  # [B, H]
         p, idx = self._draft_topk(hidden)
         for i, req in enumerate(reqs):
             st = req.draft_state
             st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
-            st["draft_len"] = seq[i]
+            st["draft_len"] = fb.seq_lens_cpu[i]
 
     def after_prefill(self, fb, batch, new_slots, hidden, aux, done_reqs, tokens) -> None:
         """Extend the draft over each prefilled chunk (the final chunk's last next-token is the sampled one)."""
