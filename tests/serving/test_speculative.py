@@ -269,10 +269,13 @@ def test_specforge_layout_checkpoint_loads_and_bad_ones_are_named(tmp_path):
     del missing["midlayer.mlp.up_proj.weight"]
     bad_shape = dict(state)
     bad_shape["fc.weight"] = torch.zeros(h, 2 * h)
+    wide = dict(state)
+    wide["fc.weight"] = torch.randn(h, 3 * 2 * h, generator=g) * 0.05
     cases = {
         "missing": (write(tmp_path / "missing", missing, config), "midlayer.mlp.up_proj.weight"),
         "shape": (write(tmp_path / "shape", bad_shape, config), "fc.weight"),
-        "hidden": (write(tmp_path / "hidden", state, {**config, "target_hidden_size": 2 * h}), "target_hidden_size"),
+        # Self-consistent, but made for a target twice as wide as this one.
+        "hidden": (write(tmp_path / "hidden", wide, {**config, "target_hidden_size": 2 * h}), "target_hidden_size"),
     }
     for name, (folder, needle) in cases.items():
         with pytest.raises(ValueError) as e:  # DraftConfigError, or BundleError wrapping it
