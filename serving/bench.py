@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from serving.config import EngineConfig
+from serving.metrics import EngineMetrics
 from serving.sampling import SamplingParams
 
 # --- prompts --------------------------------------------------------------------------------------------------
@@ -310,8 +311,6 @@ def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
             max(cfg.speculative_max_batch_size, batch) if args.always_speculate else cfg.speculative_max_batch_size
         )
     engine = Engine(cfg, target)
-    from serving.metrics import EngineMetrics
-
     engine.metrics = EngineMetrics(engine.model_name)
     return engine
 
@@ -340,7 +339,7 @@ def cmd_offline(args) -> dict:
         if args.speculative or args.speculative_draft_model_path:
             spec = _engine(args, True, batch, target)
             run_offline(spec, warm, 16, progress=False)
-            spec.metrics = __import__("serving.metrics", fromlist=["EngineMetrics"]).EngineMetrics(spec.model_name)
+            spec.metrics = EngineMetrics(spec.model_name)  # acceptance figures without the warm-up
             res = run_offline(spec, prompts, args.max_tokens, progress=not args.quiet)
             res["speedup"] = res["output_tokens_per_s"] / base["output_tokens_per_s"]
             res["spec_config"] = spec.spec_worker.describe()
