@@ -44,6 +44,10 @@ class EngineConfig:
     speculative_num_draft_tokens: int | None = field(
         default=None, metadata={"help": "tree nodes verified per step (root included)"}
     )
+    disable_speculative_adaptive: bool = field(
+        default=False,
+        metadata={"help": "always speculate (up to --speculative-max-batch-size), even when it measures slower"},
+    )
     speculative_max_batch_size: int = field(
         default=32, metadata={"help": "above this many running requests, decode without speculation"}
     )

@@ -321,6 +321,16 @@ class Engine:
     # --- decode -------------------------------------------------------------------------------------------------
 
     def _run_decode(self) -> None:
+        reqs = list(self.running)
+        before = sum(len(r.output_ids) for r in reqs)
+        start = time.perf_counter()
+        speculative = self._decode_step()
+        if self.spec_worker is not None:
+            committed = sum(len(r.output_ids) for r in reqs) - before
+            self.spec_worker.record(speculative, len(reqs), committed, time.perf_counter() - start)
+
+    def _decode_step(self) -> bool:
+        """One decode iteration over the running batch; returns whether it speculated."""
         per_req = self._decode_slots_per_req()
         need = len(self.running) * per_req
         slots = self._alloc(need)
@@ -333,7 +343,7 @@ class Engine:
             raise RuntimeError("KV pool cannot hold one decode step of a single request")
         if per_req > 1:
             self.spec_worker.decode_step(self.running, slots)
-            return
+            return True
         self.allocator.free(slots[len(self.running) :])
         slots = slots[: len(self.running)]
         reqs = list(self.running)
@@ -345,6 +355,7 @@ class Engine:
         if self.spec_worker is not None:
             self.spec_worker.after_plain_decode(fb, reqs, hidden, aux, tokens)
         self._commit(reqs, [[t] for t in tokens.tolist()])
+        return False
 
     # --- output -------------------------------------------------------------------------------------------------
 

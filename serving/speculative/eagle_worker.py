@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 # Tuned defaults when neither flags nor bundle metadata say otherwise: (num_steps, topk, num_draft_tokens).
 DEFAULT_CPU = (3, 1, 4)
 DEFAULT_GPU = (5, 4, 16)
+PROBE_EVERY = 16  # adaptive mode: one iteration in this many runs the currently slower mode
+RATE_EMA = 0.2
+
+
+def _bucket(batch_size: int) -> int:
+    return 1 << (batch_size - 1).bit_length()
 
 
 class EagleWorker:
@@ -77,6 +83,8 @@ class EagleWorker:
         self._verify_greedy = tree_ops.verify_tree_greedy if on_gpu else tree_ops.verify_tree_greedy_ref
         self._verify_sampling = tree_ops.tree_speculative_sampling if on_gpu else tree_ops.tree_speculative_sampling_ref
         self.max_batch = cfg.speculative_max_batch_size
+        self.adaptive = not cfg.disable_speculative_adaptive
+        self._rates: dict[int, dict] = {}
         logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
 
     def _resolve(self, target, cfg):
@@ -116,10 +124,32 @@ class EagleWorker:
         return self.num_draft_tokens
 
     def should_speculate(self, batch_size: int) -> bool:
+        """Speculate when it fits and, unless adaptivity is off, when it has measured faster than plain decoding
+        at this batch size (both are lossless, so switching never changes the output)."""
         if batch_size > self.max_batch:
             return False
         limit = self.engine.context_length
-        return all(r.seq_len + self.num_draft_tokens <= limit for r in self.engine.running)
+        if not all(r.seq_len + self.num_draft_tokens <= limit for r in self.engine.running):
+            return False
+        if not self.adaptive:
+            return True
+        rates = self._rates.get(_bucket(batch_size))
+        if rates is None or rates["spec"] is None:
+            return True
+        if rates["plain"] is None:
+            return False
+        probe = rates["steps"] % PROBE_EVERY == PROBE_EVERY - 1  # now and then try the other mode again
+        return (rates["spec"] >= rates["plain"]) != probe
+
+    def record(self, speculative: bool, batch_size: int, tokens: int, seconds: float) -> None:
+        """Tokens committed per second by one decode iteration, smoothed per batch-size bucket."""
+        if seconds <= 0:
+            return
+        rates = self._rates.setdefault(_bucket(batch_size), {"spec": None, "plain": None, "steps": 0})
+        key = "spec" if speculative else "plain"
+        rate = tokens / seconds
+        rates[key] = rate if rates[key] is None else (1 - RATE_EMA) * rates[key] + RATE_EMA * rate
+        rates["steps"] += 1
 
     def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
         """Only positions whose draft KV was computed may enter the prefix cache."""

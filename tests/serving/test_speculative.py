@@ -61,6 +61,7 @@ def test_greedy_is_lossless(tmp_path, vocab, shape, batch):
         max_total_tokens=4096,
         max_running_requests=batch,
         speculative_draft_model_path=str(draft),
+        disable_speculative_adaptive=True,  # exercise the speculative path on every step
         **(CHAIN if shape == "chain" else TREE),
     )
     engine = Engine(spec_cfg, target)
@@ -90,6 +91,7 @@ def test_spec_under_kv_pressure_chunking_and_prefix_cache(tmp_path):
             chunked_prefill_size=16,
             max_running_requests=16,
             speculative_draft_model_path=str(draft),
+            disable_speculative_adaptive=True,  # exercise the speculative path on every step
             **TREE,
         ),
         target,
@@ -108,7 +110,15 @@ def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run(tmp_path):
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
     prompts = prompts_for(8, 6, seed=2)
     plain_engine = Engine(EngineConfig(max_total_tokens=4096), target)
-    spec_engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
+    spec_engine = Engine(
+        EngineConfig(
+            max_total_tokens=4096,
+            speculative_draft_model_path=str(draft),
+            disable_speculative_adaptive=True,  # exercise the speculative path on every step
+            **TREE,
+        ),
+        target,
+    )
     for engine in (plain_engine, spec_engine):
         engine.eos_token_ids = frozenset([3])
     for params in (
@@ -167,6 +177,7 @@ def test_sampling_keeps_the_target_distribution(tmp_path):
             max_total_tokens=65536,
             max_running_requests=128,
             speculative_max_batch_size=128,
+            disable_speculative_adaptive=True,  # every second token must come from the verifier
             speculative_draft_model_path=str(draft),
             **TREE,
         ),
@@ -319,3 +330,46 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
             assert name in metrics
         value = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("spec_accept_length ")]
         assert value and value[0] > 1.0
+
+
+def test_adaptive_policy_follows_the_measured_rates(tmp_path):
+    from serving.speculative.eagle_worker import PROBE_EVERY
+
+    hf, target = tiny_target(vocab=8, layers=4)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    engine = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
+    worker = engine.spec_worker
+    assert worker.should_speculate(1)  # nothing measured: speculate first
+    worker.record(True, 1, tokens=2, seconds=1.0)
+    assert not worker.should_speculate(1)  # then measure plain decoding once
+    worker.record(False, 1, tokens=4, seconds=1.0)  # plain is faster at batch 1
+    choices = []
+    for _ in range(2 * PROBE_EVERY):
+        choices.append(worker.should_speculate(1))
+        worker.record(choices[-1], 1, tokens=2 if choices[-1] else 4, seconds=1.0)
+    assert 1 <= sum(choices) <= 3  # mostly plain, with the occasional probe
+    worker.record(True, 2, tokens=9, seconds=1.0)
+    worker.record(False, 2, tokens=2, seconds=1.0)
+    assert worker.should_speculate(2)  # batch-size buckets are measured separately
+    assert not worker.should_speculate(1000)  # above --speculative-max-batch-size
+    forced = Engine(
+        EngineConfig(
+            max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True, **CHAIN
+        ),
+        target,
+    ).spec_worker
+    forced.record(True, 1, tokens=1, seconds=10.0)
+    forced.record(False, 1, tokens=10, seconds=1.0)
+    assert forced.should_speculate(1)
+
+
+def test_adaptive_mode_is_lossless(tmp_path):
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    prompts = prompts_for(8, 8, seed=4)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=4096), target).generate(prompts, params)
+    engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
+    adaptive = engine.generate(prompts, params)
+    assert [r.output_ids for r in adaptive] == [r.output_ids for r in plain]
+    assert sum(r.spec.num_verify_steps for r in adaptive) > 0
