@@ -41,9 +41,7 @@ def load_prompts(dataset: str, num: int, tokenizer, seed: int = 0, random_len: i
         from specbundle.assets import sharegpt_path
 
         texts = []
-        with open(sharegpt_path()) as f:
-            data = json.load(f) if f.read(1) == "[" and not f.seek(0) else [json.loads(x) for x in f if x.strip()]
-        for row in data:
+        for row in _json_list_rows(sharegpt_path().read_text()):
             turns = row.get("conversations") or []
             if turns and turns[0].get("from") == "human" and 0 < len(turns[0].get("value", "")) < 2000:
                 texts.append(turns[0]["value"])
@@ -60,6 +58,22 @@ def load_prompts(dataset: str, num: int, tokenizer, seed: int = 0, random_len: i
         )
         out.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return out
+
+
+def _json_list_rows(text: str):
+    """Complete objects of a JSON list, in order, stopping at a truncated tail (the packaged ShareGPT file is cut)."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return
+        yield row
 
 
 def percentiles(values: list[float]) -> dict:

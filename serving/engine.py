@@ -143,10 +143,6 @@ class Engine:
             self.step()
         return reqs
 
-    @property
-    def num_free_slots(self) -> int:
-        return self.allocator.num_free
-
     def is_idle(self) -> bool:
         return not self.running and not self.waiting and self._inbox.empty()
 

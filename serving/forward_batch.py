@@ -44,7 +44,3 @@ class ForwardBatch:
     @property
     def batch_size(self) -> int:
         return self.req_pool_indices.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.shape[0]

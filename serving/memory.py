@@ -72,6 +72,3 @@ class ReqToTokenPool:
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         self.table[row, start : start + slots.numel()] = slots.to(device=self.table.device, dtype=torch.int32)
-
-    def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        return self.table[row, start:end].to(torch.int64).cpu()

@@ -87,6 +87,24 @@ class _Generation:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
+    def error(self) -> str | None:
+        return next((o.error for o in self.finished.values() if o.error), None)
+
+    def envelope(self, rid: str, obj: str, model: str, choices: list, created: int | None = None) -> dict:
+        """Response or final chunk: choices plus usage and, when speculating, the spec_decoding figures."""
+        resp = {
+            "id": rid,
+            "object": obj,
+            "created": created or int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+        spec = self.spec_decoding()
+        if spec is not None:
+            resp["spec_decoding"] = spec
+        return resp
+
     def spec_decoding(self) -> dict | None:
         stats = [o.spec for o in self.finished.values() if o.spec is not None]
         if not stats:
@@ -195,25 +213,15 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         texts = await _collect(gen, request)
         if texts is None:
             return Response(status_code=499)
+        if gen.error():
+            return JSONResponse(error_body(gen.error(), None, "server_error"), status_code=500)
         choices = []
         for i, text in sorted(texts.items()):
-            out = gen.finished[i]
-            if out.error:
-                return JSONResponse(error_body(out.error, None, "server_error"), status_code=500)
             prefix = tokenizer.decode(prompts[i // gen.n]) if body.echo else ""
-            choices.append({"index": i, "text": prefix + text, "logprobs": None, "finish_reason": out.finish_reason})
-        resp = {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": engine.model_name,
-            "choices": choices,
-            "usage": gen.usage(),
-        }
-        spec = gen.spec_decoding()
-        if spec is not None:
-            resp["spec_decoding"] = spec
-        return resp
+            choices.append(
+                {"index": i, "text": prefix + text, "logprobs": None, "finish_reason": gen.finished[i].finish_reason}
+            )
+        return gen.envelope(rid, "text_completion", engine.model_name, choices)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
@@ -241,31 +249,18 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         texts = await _collect(gen, request)
         if texts is None:
             return Response(status_code=499)
-        choices = []
-        for i, text in sorted(texts.items()):
-            out = gen.finished[i]
-            if out.error:
-                return JSONResponse(error_body(out.error, None, "server_error"), status_code=500)
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": out.finish_reason,
-                }
-            )
-        resp = {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": engine.model_name,
-            "choices": choices,
-            "usage": gen.usage(),
-        }
-        spec = gen.spec_decoding()
-        if spec is not None:
-            resp["spec_decoding"] = spec
-        return resp
+        if gen.error():
+            return JSONResponse(error_body(gen.error(), None, "server_error"), status_code=500)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": gen.finished[i].finish_reason,
+            }
+            for i, text in sorted(texts.items())
+        ]
+        return gen.envelope(rid, "chat.completion", engine.model_name, choices)
 
     return app
 
@@ -337,7 +332,7 @@ async def _stream_completion(gen: _Generation, rid: str, body: CompletionRequest
                         ],
                     }
                 )
-        yield _sse(_final_chunk(gen, rid, "text_completion", created, model))
+        yield _sse(gen.envelope(rid, "text_completion", model, [], created))
         yield "data: [DONE]\n\n"
     finally:
         gen.abort()
@@ -388,18 +383,10 @@ async def _stream_chat(gen: _Generation, rid: str, model: str):
                         ],
                     }
                 )
-        yield _sse(_final_chunk(gen, rid, "chat.completion.chunk", created, model))
+        yield _sse(gen.envelope(rid, "chat.completion.chunk", model, [], created))
         yield "data: [DONE]\n\n"
     finally:
         gen.abort()
-
-
-def _final_chunk(gen: _Generation, rid, obj, created, model) -> dict:
-    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": gen.usage()}
-    spec = gen.spec_decoding()
-    if spec is not None:
-        chunk["spec_decoding"] = spec
-    return chunk
 
 
 def serve(engine: Engine, host: str, port: int, chat_template=None, api_key=None, log_level="info") -> None:

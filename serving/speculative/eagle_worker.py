@@ -175,8 +175,9 @@ class EagleWorker:
     ) -> None:
         """Draft consumes positions starts[i] .. starts[i]+len(tokens[i])-1 with the target's aux states [M, 3H];
         token lists are the *next* tokens. Stores each request's last prenorm hidden and its top-k."""
-        fb = self.runner.build_extend(reqs, slots, ForwardMode.DRAFT_EXTEND, tokens=tokens, starts=starts,
-                                      attn_backend=self.draft_backend)
+        fb = self.runner.build_extend(
+            reqs, slots, ForwardMode.DRAFT_EXTEND, tokens=tokens, starts=starts, attn_backend=self.draft_backend
+        )
         self.draft_backend.init_forward_metadata(fb)
         _, prenorm = self.draft(
             self._embed(fb.input_ids),
