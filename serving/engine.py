@@ -391,8 +391,19 @@ class Engine:
                 self._emit(req, finished=False)
 
     def _update_text(self, req: Req, final: bool) -> bool:
-        ids = [t for t in req.output_ids if t not in req.eos_token_ids or req.params.ignore_eos]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Detokenize incrementally (only the tokens since the last clean boundary are decoded again); returns
+        whether a stop string appeared, cutting req.text before it."""
+        ids = req.output_ids
+        if ids and not req.params.ignore_eos and ids[-1] in req.eos_token_ids:
+            ids = ids[:-1]  # EOS only ever ends the output; it is not text
+        decode = self.tokenizer.decode
+        settled = decode(ids[req.detok_prefix : req.detok_read], skip_special_tokens=True)
+        pending = decode(ids[req.detok_prefix :], skip_special_tokens=True)
+        # An incomplete UTF-8 sequence decodes to U+FFFD: wait for the tokens that complete it.
+        if final or (len(pending) > len(settled) and not pending.endswith("\ufffd")):
+            req.decoded += pending[len(settled) :]
+            req.detok_prefix, req.detok_read = req.detok_read, len(ids)
+        text = req.decoded
         for s in req.params.stop:
             idx = text.find(s)
             if idx != -1:

@@ -73,7 +73,10 @@ class Req:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     last_token_time: float | None = None
-    text: str = ""
+    text: str = ""  # what the client sees: decoded output, cut before a stop string
+    decoded: str = ""  # incremental detokenization of output_ids[:detok_read]
+    detok_prefix: int = 0
+    detok_read: int = 0
     sent_text_len: int = 0
     sent_token_len: int = 0
     aborted: bool = False
