@@ -490,14 +490,20 @@ class Trainer:
         bar = tqdm(total=max_steps or self.total_steps, initial=self.global_step, disable=not d.is_main,
                    desc="train", dynamic_ncols=True)
         t_last = time.time()
+        # Throughput over training steps only (eval and checkpoint time excluded), for the logs.
+        self._throughput = {"seconds": 0.0, "samples": 0, "tokens": 0}
         while not done and self.epoch < args.num_epochs:
             batches = epoch_batches(len(self.train_rows), self.global_batch, args.seed, self.epoch)
             usable = len(batches) - len(batches) % accum
             self.module.train()
             while self.micro_in_epoch < usable:
                 stats = []
+                t_step = time.perf_counter()
                 for _ in range(accum):
                     idx = batches[self.micro_in_epoch]
+                    real = [i for i in idx if i >= 0]
+                    self._throughput["samples"] += len(real)
+                    self._throughput["tokens"] += sum(self.train_rows.lengths[i] for i in real)
                     pad_to = max(self.train_rows.lengths[i] for i in idx)
                     mine = idx[d.rank * args.batch_size:(d.rank + 1) * args.batch_size]
                     inputs = self._inputs(collate(self.train_rows, mine, pad_to))
@@ -509,7 +515,8 @@ class Trainer:
                         (weighted_loss(plosses) / accum).backward()
                     stats.append((plosses.detach(), correct, counted))
                     self.micro_in_epoch += 1
-                grad_norm = self._step()
+                grad_norm = self._step()  # returns a host float: the step has finished on the device
+                self._throughput["seconds"] += time.perf_counter() - t_step
                 self.global_step += 1
                 bar.update(1)
                 plosses = torch.stack([s[0] for s in stats]).mean(0)
@@ -596,10 +603,16 @@ class Trainer:
             return
         acc = (correct / counted.clamp_min(1)).tolist()
         pl = plosses.tolist()
-        self._record("train", {"step": self.global_step, "split": "train", "epoch": self.epoch,
-                               "loss": weighted_loss(plosses).item(), "ploss": pl, "acc": acc,
-                               "accept_length": accept_length(acc), "lr": self.scheduler.get_last_lr()[0],
-                               "grad_norm": grad_norm})
+        thr = self._throughput
+        secs = max(thr["seconds"], 1e-9)
+        record = {"step": self.global_step, "split": "train", "epoch": self.epoch,
+                  "loss": weighted_loss(plosses).item(), "ploss": pl, "acc": acc,
+                  "accept_length": accept_length(acc), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm, "samples_per_s": thr["samples"] / secs, "tokens_per_s": thr["tokens"] / secs,
+                  "train_seconds": thr["seconds"]}
+        if self.device.type == "cuda":
+            record["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._record("train", record)
 
     def _record(self, split: str, result: dict):
         with open(self.out / "metrics.jsonl", "a") as f:

@@ -29,6 +29,7 @@ def _regenerate(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         enable_thinking=args.enable_thinking,
         limit=args.limit,
+        max_turns=args.max_turns,
     )
     return 1 if summary.failed else 0
 
@@ -94,6 +95,12 @@ def add_subcommands(subparsers) -> None:
         type=int,
         default=None,
         help="regenerate at most this many conversations in this run (ids already in --output do not count)",
+    )
+    r.add_argument(
+        "--max-turns",
+        type=int,
+        default=None,
+        help="keep each conversation's first N user turns only (default: all)",
     )
     thinking = r.add_mutually_exclusive_group()
     thinking.add_argument(

@@ -144,6 +144,22 @@ def test_replays_user_turns_and_replaces_every_assistant_turn_across_two_servers
     assert summary.requests == 13 and sum(summary.requests_per_server.values()) == 13
 
 
+def test_max_turns_keeps_the_first_user_turns_only(tmp_path):
+    src = write_input(tmp_path / "in.jsonl", n=3)
+    out = tmp_path / "out.jsonl"
+    with FakeServer("s1") as s1:
+        summary = regenerate(src, str(out), [s1.url], None, concurrency=2, max_tokens=8, max_turns=1)
+        assert len(s1.requests) == 3
+    rows = read_rows(out)
+    for i in range(3):
+        conv = [m for m in rows[f"c{i}"]["conversations"] if m["role"] != "system"]
+        assert [m["role"] for m in conv] == ["user", "assistant"]
+        assert conv[0]["content"] == f"q{i}a" and conv[1]["content"] == f"[s1] re: q{i}a"
+    assert summary.written == 3 and summary.requests == 3
+    with pytest.raises(ValueError, match="max_turns"):
+        regenerate(src, str(tmp_path / "x.jsonl"), [s1.url], None, max_turns=0)
+
+
 def test_resumes_after_an_interruption_without_redoing_finished_rows(tmp_path):
     src = write_input(tmp_path / "in.jsonl", n=8)
     out = tmp_path / "out.jsonl"

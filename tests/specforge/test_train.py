@@ -88,6 +88,8 @@ def test_online_training_learns_and_saves_an_sglang_draft(assets):
     assert evals[-1]["accept_length"] > evals[0]["accept_length"] > 1.0
     train = metrics(out, "train")
     assert len(train) == 30 and train[0]["lr"] > 0 and len(train[0]["acc"]) == 3
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in train)
+    assert train[-1]["train_seconds"] > train[0]["train_seconds"] > 0
 
     ckpts = sorted(p.name for p in out.glob("epoch_*_step_*"))
     assert ckpts == ["epoch_1_step_15", "epoch_2_step_30"]
@@ -216,8 +218,8 @@ def test_build_vocab_writes_the_mapping_training_uses(assets, tmp_path):
 def test_recipe_scripts_parse():
     import subprocess
 
-    scripts = sorted(Path(__file__).resolve().parents[2].glob("recipes/*/run.sh"))
-    assert len(scripts) >= 5
+    scripts = sorted(Path(__file__).resolve().parents[2].glob("recipes/*/*.sh"))
+    assert len(scripts) >= 6
     for script in scripts:
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
