@@ -16,12 +16,14 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr
     mask = offs < INTER
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + INTER + offs, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    # silu rounded to the output dtype before the multiply, as torch's `F.silu(gate) * up` rounds.
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = act * up
     tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, 2I] (gate then up) -> [N, I] = silu(x[:, :I]) * x[:, I:], fp32 inside."""
+    """x [N, 2I] (gate then up) -> [N, I] = silu(x[:, :I]) * x[:, I:], fp32 inside (silu rounded to x's dtype)."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     num_rows, width = x.shape
     if width % 2:
@@ -41,4 +43,5 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    act = torch.nn.functional.silu(gate).to(x.dtype).float()
+    return (act * up).to(x.dtype)

@@ -1,4 +1,5 @@
-"""RMSNorm and the fused residual-add + RMSNorm of a Llama decoder layer, computed in fp32."""
+"""RMSNorm and the fused residual-add + RMSNorm of a Llama decoder layer, computed in fp32 and rounded like the
+unfused torch ops."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def _rms_norm_kernel(
         x = x.to(tl.float32)  # normalise the stored (rounded) sum, as an unfused add then norm would
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, 0) / HIDDEN + eps)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
+    # Round the normalised row to the output dtype before the weight multiply, as `weight * norm(x).to(dtype)`
+    # does (transformers' Llama RMSNorm): the fused path then rounds exactly like the unfused one.
+    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -100,7 +104,8 @@ def fused_add_rms_norm(
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float()
+    return (normed * weight.float()).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(

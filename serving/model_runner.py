@@ -22,6 +22,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device = device
         self.model = target.model
+        self.model.fused_kernels = device.type == "cuda"
         mc = self.model.config
         self.model_config = mc
         self.dtype = self.model.embed_tokens.weight.dtype

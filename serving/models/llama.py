@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from serving.forward_batch import ForwardBatch
 from specbundle.config import _rope_scaling, _rope_theta
 from specbundle.layers import RMSNorm, RotaryEmbedding
@@ -70,15 +71,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, positions, fb: ForwardBatch, rotary, backend):
+    def forward(self, x, positions, fb: ForwardBatch, rotary, backend, fused: bool = False):
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]
+        q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]: strided views into the qkv output
         k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        if fused:
+            q, k = kernels.apply_rope(q, k, positions, rotary.cos_sin)  # in place, one launch for q and k
+        else:
+            q, k = rotary(positions, q, k)
         out = backend.forward(q, k, v, self.layer_id, fb)  # [N, Hq, D]
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -89,7 +93,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
+        if fused:
+            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -114,10 +120,15 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        # Triton kernels for the norms, RoPE and SiLU-and-mul (set on CUDA by the model runner): ~4 fewer launches
+        # per layer than the torch ops, with the same rounding.
+        self.fused_kernels = False
 
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (final normed hidden [N, H], aux hidden [N, 3*H] or None)."""
         h = self.embed_tokens(fb.input_ids)  # [N, H]
+        if self.fused_kernels:
+            return self._forward_fused(fb, h)
         positions = fb.positions
         aux = {}
         capture = set(fb.aux_layer_ids)
@@ -134,9 +145,31 @@ class LlamaForCausalLM(nn.Module):
             if i in capture:
                 aux[i] = residual + h  # output of layer i
         hidden = self.norm(residual + h)
+        return hidden, self._aux(aux, fb)
+
+    def _forward_fused(self, fb: ForwardBatch, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same layer math with fused kernels: residual adds happen inside the norms, in place."""
+        positions, eps = fb.positions, self.config.rms_norm_eps
+        aux = {}
+        capture = set(fb.aux_layer_ids)
+        residual = h
+        x = kernels.rms_norm(h, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x, residual = kernels.fused_add_rms_norm(h, residual, layer.input_layernorm.weight, eps)
+            a = layer.self_attn(x, positions, fb, self.rotary, fb.attn_backend, fused=True)
+            x, residual = kernels.fused_add_rms_norm(a, residual, layer.post_attention_layernorm.weight, eps)
+            h = layer.mlp(x, fused=True)
+            if i in capture:
+                aux[i] = residual + h  # output of layer i
+        hidden, _ = kernels.fused_add_rms_norm(h, residual, self.norm.weight, eps)
+        return hidden, self._aux(aux, fb)
+
+    @staticmethod
+    def _aux(aux: dict, fb: ForwardBatch) -> torch.Tensor | None:
         if not aux:
-            return hidden, None
-        return hidden, torch.cat([aux[i] for i in fb.aux_layer_ids], dim=-1)  # [N, 3*H]
+            return None
+        return torch.cat([aux[i] for i in fb.aux_layer_ids], dim=-1)  # [N, 3*H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

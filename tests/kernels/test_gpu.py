@@ -124,7 +124,7 @@ def test_elementwise_kernels_bf16():
     want_x, want_residual = fused_add_rms_norm_ref(x, residual, weight, 1e-5)
     fused_add_rms_norm(x, residual, weight, 1e-5)
     torch.testing.assert_close(residual, want_residual, atol=0, rtol=0)  # GPU casts round to nearest
-    torch.testing.assert_close(x, want_x, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(x, want_x, atol=2e-2, rtol=1.6e-2)  # two roundings, as the unfused ops
 
     q = torch.randn(7, 9, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(7, 3, 64, device="cuda", dtype=torch.bfloat16)
@@ -138,7 +138,7 @@ def test_elementwise_kernels_bf16():
     torch.testing.assert_close(k, want_k, atol=1e-2, rtol=1e-2)
 
     gate_up = torch.randn(5, 2 * 1536, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), atol=2e-2, rtol=1.6e-2)
 
     k_buffer = torch.zeros(20, 3, 64, device="cuda", dtype=torch.bfloat16)
     v_buffer = torch.zeros_like(k_buffer)

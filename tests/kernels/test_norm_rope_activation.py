@@ -7,11 +7,12 @@ from kernels.rope import apply_rope, apply_rope_ref
 from tests.kernels.paged import DEVICE, ON_GPU, to_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Elementwise ops computed in fp32: the only error is the final rounding (plus rsqrt / exp ulps).
+# Elementwise ops computed in fp32. RMSNorm and SiLU-and-mul round twice (the intermediate to the storage dtype,
+# as the unfused torch ops do), so an rsqrt / exp ulp can move a result by up to two ulps of the dtype.
 TOL = {
     torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-    torch.float16: {"atol": 1e-3, "rtol": 1e-3},
-    torch.bfloat16: {"atol": 1e-2, "rtol": 1e-2},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 1.6e-2},
 }
 
 
