@@ -33,12 +33,15 @@ def _prompts(engine, n):
 
 
 def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
-    """Batch 1, greedy, one request after another; output tokens / wall time (Python overhead included)."""
+    """Batch 1, greedy, one request after another; output tokens / wall time (Python overhead included), with the
+    default continuous decode steps (8 on CUDA) and with one step per scheduling round."""
     from serving.config import EngineConfig
     from serving.engine import Engine
     from serving.sampling import SamplingParams
 
-    engine = Engine(EngineConfig(max_running_requests=1, dtype="bfloat16", max_total_tokens=65536))
+    engine = Engine(
+        EngineConfig(max_running_requests=1, dtype="bfloat16", max_total_tokens=65536, num_continuous_decode_steps=8)
+    )
     prompts = _prompts(engine, n_prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=32, temperature=0))
@@ -49,11 +52,20 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
     elapsed = time.perf_counter() - start
     tokens = sum(len(r.output_ids) for r in reqs)
     graph_ms = _graph_step_ms(engine)
+    engine.cfg.num_continuous_decode_steps = 1
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    single = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    single_s = time.perf_counter() - start
     return {
         "prompts": len(prompts),
         "output_tokens": tokens,
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed,
+        "continuous_decode_steps": 8,
+        "tokens_per_s_one_step_per_round": sum(len(r.output_ids) for r in single) / single_s,
+        "same_output_one_step_per_round": [r.output_ids for r in single] == [r.output_ids for r in reqs],
         "graph_replay_ms_bs1": graph_ms,
     }
 
@@ -86,6 +98,7 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
     for dtype in ("float32", "bfloat16"):
         common = dict(dtype=dtype, max_running_requests=8, max_total_tokens=65536)
         ref = Engine(EngineConfig(attention_backend="torch", disable_cuda_graph=True, **common))
+        ref.runner.model.fused_kernels = False  # the whole torch path: no Triton kernel anywhere
         prompts = prompts or _prompts(ref, n_prompts)
         ref_out = [r.output_ids for r in ref.generate(prompts, params)]
         del ref
@@ -223,6 +236,7 @@ def main(argv=None) -> int:
     if "tokens_per_s" in d:
         print(
             f"SmolLM2 bf16 batch 1 greedy: {d['tokens_per_s']:.1f} tok/s ({d['output_tokens']} tokens), "
+            f"{d['tokens_per_s_one_step_per_round']:.1f} tok/s with one step per round, "
             f"graph step {d['graph_replay_ms_bs1']:.3f} ms"
         )
     a = res.get("agree", {})

@@ -33,6 +33,13 @@ class EngineConfig:
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn prefix caching off"})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
     cuda_graph_max_bs: int = field(default=64, metadata={"help": "largest decode batch captured in a CUDA graph"})
+    num_continuous_decode_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "decode steps run back to back on the device between two rounds of scheduling and output "
+            "(fewer host round trips; outputs stream in runs of this many tokens); default 8 on CUDA, 1 on CPU"
+        },
+    )
     random_seed: int = field(default=0, metadata={"help": "seed for unseeded sampling"})
     speculative: bool = field(
         default=False, metadata={"help": "EAGLE-3 with the catalog's draft for the target and tuned defaults"}
@@ -73,6 +80,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.num_continuous_decode_steps is not None and self.num_continuous_decode_steps < 1:
+            raise ValueError("--num-continuous-decode-steps must be >= 1")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be >= 2")
 

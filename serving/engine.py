@@ -325,33 +325,71 @@ class Engine:
             committed = sum(len(r.output_ids) for r in reqs) - before
             self.spec_worker.record(speculative, len(reqs), committed, time.perf_counter() - start)
 
+    def _continuous_steps(self) -> int:
+        """Plain decode steps to run back to back: each step's sampled tokens feed the next on the device, and the
+        host reads them once at the end (one sync and one round of scheduling per run instead of per token)."""
+        if self.spec_worker is not None:  # the draft consumes the target's aux states after every plain step
+            return 1
+        k = self.cfg.num_continuous_decode_steps or (8 if self.device.type == "cuda" else 1)
+        room = min(self.context_length - r.seq_len for r in self.running)
+        wanted = max(r.params.max_tokens - len(r.output_ids) for r in self.running)
+        return max(1, min(k, room, wanted))
+
     def _decode_step(self) -> bool:
         """One decode iteration over the running batch; returns whether it speculated."""
         per_req = self._decode_slots_per_req()
-        need = len(self.running) * per_req
-        slots = self._alloc(need)
+        steps = self._continuous_steps() if per_req == 1 else 1
+        slots = self._alloc(len(self.running) * per_req * steps)
+        if slots is None and steps > 1:
+            steps = 1
+            slots = self._alloc(len(self.running) * per_req)
         while slots is None and len(self.running) > 1:
             victim = max(self.running, key=lambda r: r.arrival_time)
             self._preempt(victim)
-            need = len(self.running) * per_req
-            slots = self._alloc(need)
+            slots = self._alloc(len(self.running) * per_req)
         if slots is None:
             raise RuntimeError("KV pool cannot hold one decode step of a single request")
         if per_req > 1:
             self.spec_worker.decode_step(self.running, slots)
             return True
-        self.allocator.free(slots[len(self.running) :])
-        slots = slots[: len(self.running)]
         reqs = list(self.running)
-        fb = self.runner.build_decode(reqs, slots, capture_aux=self.spec_worker is not None)
-        logits, hidden, aux = self.runner.decode(fb)
-        for req, s in zip(reqs, slots):
-            req.slots = torch.cat([req.slots, s.view(1)])
-        tokens = sample(logits, [r.params for r in reqs], [len(r.output_ids) for r in reqs])
+        n = len(reqs)
+        steps = min(steps, slots.numel() // n)
+        self.allocator.free(slots[n * steps :])
+        grid = slots[: n * steps].view(n, steps)  # row i: request i's slots for steps 0..steps-1
+        params = [r.params for r in reqs]
+        produced = [len(r.output_ids) for r in reqs]
+        if steps == 1:
+            fb = self.runner.build_decode(reqs, grid[:, 0], capture_aux=self.spec_worker is not None)
+            logits, hidden, aux = self.runner.decode(fb)
+            tokens = sample(logits, params, produced)
+            runs = [[t] for t in tokens.tolist()]
+        else:
+            run = self._continuous_decode(reqs, grid, params, produced)
+            runs = run.tolist()
+        for req, s in zip(reqs, grid):
+            req.slots = torch.cat([req.slots, s])
         if self.spec_worker is not None:
             self.spec_worker.after_plain_decode(fb, reqs, hidden, aux, tokens)
-        self._commit(reqs, [[t] for t in tokens.tolist()])
+        self._commit(reqs, runs)
         return False
+
+    def _continuous_decode(self, reqs: list[Req], grid: torch.Tensor, params, produced: list[int]) -> torch.Tensor:
+        """grid [B, K] slots -> [B, K] sampled tokens; no host sync until the caller reads them. Tokens after a
+        stop condition are cut by _commit, and their slots are freed with the request."""
+        runner = self.runner
+        rows = runner._tensor([r.row for r in reqs])
+        pos0 = runner._tensor([r.kv_len for r in reqs])
+        grid_dev = grid.to(self.device, non_blocking=True)
+        tokens, outs = None, []
+        for k in range(grid.shape[1]):
+            fb = runner.build_decode(
+                reqs, grid_dev[:, k], input_ids=tokens, offset=k, rows=rows, positions=pos0 + k if k else pos0
+            )
+            logits, _, _ = runner.decode(fb)
+            tokens = sample(logits, params, [p + k for p in produced])
+            outs.append(tokens)
+        return torch.stack(outs, dim=1)
 
     # --- output -------------------------------------------------------------------------------------------------
 

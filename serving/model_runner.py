@@ -102,16 +102,24 @@ class ModelRunner:
             attn_backend=attn_backend or self.backend,
         )
 
-    def build_decode(self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False) -> ForwardBatch:
-        rows = [r.row for r in reqs]
-        pos = [r.kv_len for r in reqs]
-        rows_t, pos_t = self._tensor(rows), self._tensor(pos)
+    def build_decode(
+        self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False, input_ids: torch.Tensor | None = None,
+        offset: int = 0, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+    ) -> ForwardBatch:
+        """One decode step: each request's next token at position kv_len + offset into new_slots [B] (device or
+        host). input_ids (device) replaces the requests' last tokens, for steps whose inputs are still on the
+        device; rows / positions (device) can be passed in to skip rebuilding them."""
+        pos = [r.kv_len + offset for r in reqs]
+        rows_t = rows if rows is not None else self._tensor([r.row for r in reqs])
+        pos_t = positions if positions is not None else self._tensor(pos)
         loc = new_slots.to(self.device, non_blocking=True)
         self.req_to_token.table[rows_t, pos_t] = loc.to(torch.int32)
         seq = [p + 1 for p in pos]
+        if input_ids is None:
+            input_ids = self._tensor([r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in reqs])
         return ForwardBatch(
             mode=ForwardMode.DECODE,
-            input_ids=self._tensor([r.all_ids[-1] for r in reqs]),
+            input_ids=input_ids,
             positions=pos_t,
             out_cache_loc=loc,
             req_pool_indices=rows_t,

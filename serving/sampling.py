@@ -96,10 +96,10 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
     """[B, V] -> [B] token ids. `steps[i]` is the output position of row i (for seeded reproducibility)."""
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     argmax = logits.argmax(-1)
-    if bool(greedy.all()):
+    if all(p.greedy for p in params):  # decided on the host: no device sync
         return argmax
+    greedy = torch.tensor([p.greedy for p in params]).to(logits.device, non_blocking=True)
     probs = processed_probs(logits, params)
     noise = torch.empty_like(probs).exponential_()
     for i, p in enumerate(params):

@@ -32,7 +32,11 @@ logger = logging.getLogger(__name__)
 # Tuned defaults when neither flags nor bundle metadata say otherwise: (num_steps, topk, num_draft_tokens).
 DEFAULT_CPU = (3, 1, 4)
 DEFAULT_GPU = (5, 4, 16)
-PROBE_EVERY = 16  # adaptive mode: one iteration in this many runs the currently slower mode
+# Adaptive mode: now and then one iteration runs the currently slower mode, to notice when it becomes faster. The
+# gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while they confirm the choice, so a mode that keeps
+# losing costs almost nothing; a change of the faster mode resets it.
+PROBE_EVERY = 16
+PROBE_MAX = 1024
 RATE_EMA = 0.2
 
 
@@ -138,18 +142,31 @@ class EagleWorker:
             return True
         if rates["plain"] is None:
             return False
-        probe = rates["steps"] % PROBE_EVERY == PROBE_EVERY - 1  # now and then try the other mode again
-        return (rates["spec"] >= rates["plain"]) != probe
+        probe = rates["steps"] >= rates["next_probe"]
+        return rates["winner"] != probe
 
     def record(self, speculative: bool, batch_size: int, tokens: int, seconds: float) -> None:
         """Tokens committed per second by one decode iteration, smoothed per batch-size bucket."""
         if seconds <= 0:
             return
-        rates = self._rates.setdefault(_bucket(batch_size), {"spec": None, "plain": None, "steps": 0})
+        rates = self._rates.setdefault(
+            _bucket(batch_size),
+            {"spec": None, "plain": None, "steps": 0, "winner": None, "interval": PROBE_EVERY, "next_probe": 0},
+        )
         key = "spec" if speculative else "plain"
         rate = tokens / seconds
         rates[key] = rate if rates[key] is None else (1 - RATE_EMA) * rates[key] + RATE_EMA * rate
         rates["steps"] += 1
+        if rates["spec"] is None or rates["plain"] is None:
+            return
+        winner = rates["spec"] >= rates["plain"]
+        if rates["winner"] is None or winner != rates["winner"]:
+            rates["interval"] = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
+            rates["next_probe"] = rates["steps"] + PROBE_EVERY - 1
+        elif speculative != winner:  # this iteration was a probe, and the other mode still wins
+            rates["interval"] = min(2 * rates["interval"], PROBE_MAX)
+            rates["next_probe"] = rates["steps"] + rates["interval"] - 1
+        rates["winner"] = winner
 
     def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
         """Only positions whose draft KV was computed may enter the prefix cache."""

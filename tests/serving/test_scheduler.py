@@ -51,3 +51,52 @@ def test_prefix_cache_reuses_kv_and_keeps_output():
     assert second.cached_tokens == len(shared)
     fresh = Engine(EngineConfig(max_total_tokens=4096, disable_radix_cache=True), target)
     assert second.output_ids == fresh.generate([shared + [7, 8]], params)[0].output_ids
+
+
+def _token_stop_params(target, prompts):
+    """Params whose stop conditions land inside a run of continuous steps: EOS-like stop ids and max_tokens."""
+    plain = Engine(EngineConfig(max_total_tokens=8192), target).generate(
+        prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    )
+    params = []
+    for i, r in enumerate(plain):
+        if i % 3 == 0:
+            params.append(SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[r.output_ids[5]]))
+        elif i % 3 == 1:
+            params.append(SamplingParams(max_tokens=7 + i, temperature=0, ignore_eos=True))
+        else:
+            params.append(SamplingParams(max_tokens=24, temperature=0.8, seed=i, ignore_eos=True))
+    return params
+
+
+def test_continuous_decode_steps_keep_outputs_and_free_every_slot():
+    _, target = tiny_target()
+    prompts = _prompts(12, seed=5)
+    params = _token_stop_params(target, prompts)
+    one = Engine(EngineConfig(max_total_tokens=8192, num_continuous_decode_steps=1), target)
+    want = [(r.output_ids, r.finish_reason) for r in one.generate(prompts, params)]
+    for k in (3, 8):
+        engine = Engine(EngineConfig(max_total_tokens=8192, num_continuous_decode_steps=k), target)
+        got = engine.generate(prompts, params)
+        assert [(r.output_ids, r.finish_reason) for r in got] == want
+        assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+        # Each request's cached KV must be its own tokens': a second run served from the cache agrees.
+        again = engine.generate(prompts, params)
+        assert [(r.output_ids, r.finish_reason) for r in again] == want
+        assert all(r.cached_tokens > 0 for r in again)
+    stop_at = [r.finish_reason for r in one.generate(prompts, params)]
+    assert "stop" in stop_at and "length" in stop_at
+
+
+def test_continuous_decode_under_kv_pressure_falls_back_and_preempts():
+    _, target = tiny_target()
+    prompts = _prompts(24, seed=6)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    want = [r.output_ids for r in Engine(EngineConfig(max_total_tokens=8192), target).generate(prompts, params)]
+    need = sum(len(p) + 20 for p in prompts)
+    engine = Engine(
+        EngineConfig(max_total_tokens=need // 3, max_running_requests=24, num_continuous_decode_steps=8), target
+    )
+    assert [r.output_ids for r in engine.generate(prompts, params)] == want
+    assert engine.num_preemptions > 0
+    assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity

@@ -333,7 +333,7 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
 
 
 def test_adaptive_policy_follows_the_measured_rates(tmp_path):
-    from serving.speculative.eagle_worker import PROBE_EVERY
+    from serving.speculative.eagle_worker import PROBE_EVERY, PROBE_MAX
 
     hf, target = tiny_target(vocab=8, layers=4)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
@@ -348,6 +348,20 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
         choices.append(worker.should_speculate(1))
         worker.record(choices[-1], 1, tokens=2 if choices[-1] else 4, seconds=1.0)
     assert 1 <= sum(choices) <= 3  # mostly plain, with the occasional probe
+    for _ in range(4000):
+        choices.append(worker.should_speculate(1))
+        worker.record(choices[-1], 1, tokens=2 if choices[-1] else 4, seconds=1.0)
+    probes = [i for i, c in enumerate(choices) if c]
+    assert 6 <= len(probes) <= 10  # the gap doubles while speculation keeps losing: 16, 32, ... 1024
+    assert probes[-1] - probes[-2] == PROBE_MAX
+    for _ in range(3):  # speculation becomes the faster mode (seen by a probe): follow it, and probe plain often
+        worker.record(True, 1, tokens=40, seconds=1.0)
+    assert worker.should_speculate(1)
+    later = []
+    for _ in range(2 * PROBE_EVERY):
+        later.append(worker.should_speculate(1))
+        worker.record(later[-1], 1, tokens=40 if later[-1] else 4, seconds=1.0)
+    assert 1 <= later.count(False) <= 2
     worker.record(True, 2, tokens=9, seconds=1.0)
     worker.record(False, 2, tokens=2, seconds=1.0)
     assert worker.should_speculate(2)  # batch-size buckets are measured separately
