@@ -88,3 +88,103 @@ class CudaGraphRunner:
         self.graphs[bs].replay()
         logits, hidden, aux = self.outputs[bs]
         return logits[:n], hidden[:n], (aux[:n] if aux is not None and fb.aux_layer_ids else None)
+
+
+class VerifyGraphRunner:
+    """The target's verify forward (num_tokens tree nodes per request under the tree mask, with aux states and
+    logits) on fixed-size buffers, captured in a CUDA graph per batch-size bucket.
+
+    Padded requests own no tokens (extend length 0, prefix 0, row 0) and write their K/V to slot 0. With
+    capture=False the same buffers run eagerly: that is how the CPU tests check the buffer handling."""
+
+    def __init__(self, runner, num_tokens: int, max_bs: int, capture: bool = True):
+        self.runner = runner
+        self.model = runner.model
+        self.n = num_tokens
+        self.buckets = batch_buckets(max_bs)
+        self.max_bs = max_bs
+        dev = runner.device
+        total = max_bs * num_tokens
+        self.input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(total, dtype=torch.int64, device=dev)
+        self.out_cache_loc = torch.zeros(total, dtype=torch.int64, device=dev)
+        self.req_pool_indices = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.prefix_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.extend_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.start_loc = torch.arange(max_bs, dtype=torch.int64, device=dev) * num_tokens
+        self.custom_mask = torch.zeros(max_bs, num_tokens, num_tokens, dtype=torch.bool, device=dev)
+        self.aux_layer_ids = tuple(runner.aux_layer_ids)
+        self.capture = capture
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple] = {}
+        if capture:
+            self.pool = torch.cuda.graph_pool_handle()
+            with torch.inference_mode():
+                for bs in reversed(self.buckets):
+                    self._capture(bs)
+            logger.info("captured verify CUDA graphs (%d tokens) for batch sizes %s", num_tokens, self.buckets)
+
+    def _batch(self, bs: int) -> ForwardBatch:
+        t = bs * self.n
+        return ForwardBatch(
+            mode=ForwardMode.TARGET_VERIFY,
+            input_ids=self.input_ids[:t],
+            positions=self.positions[:t],
+            out_cache_loc=self.out_cache_loc[:t],
+            req_pool_indices=self.req_pool_indices[:bs],
+            seq_lens=self.seq_lens[:bs],
+            extend_prefix_lens=self.prefix_lens[:bs],
+            extend_seq_lens=self.extend_lens[:bs],
+            extend_start_loc=self.start_loc[:bs],
+            max_extend_len=self.n,
+            custom_mask=self.custom_mask[:bs],
+            aux_layer_ids=self.aux_layer_ids,
+            attn_backend=self.runner.backend,
+        )
+
+    def _run(self, fb: ForwardBatch):
+        hidden, aux = self.model(fb)
+        return self.model.compute_logits(hidden), aux
+
+    def _capture(self, bs: int) -> None:
+        fb = self._batch(bs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run(fb)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._run(fb)
+        self.graphs[bs] = graph
+        self.outputs[bs] = out
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs
+
+    def run(self, rows, prefix_lens, input_ids, positions, out_cache_loc, custom_mask):
+        """rows, prefix_lens [B]; input_ids, positions, out_cache_loc [B*N]; custom_mask [B, N, N] ->
+        (logits [B*N, V] fp32, aux [B*N, 3H])."""
+        b, n = rows.shape[0], self.n
+        bs = self.buckets[bisect.bisect_left(self.buckets, b)]
+        if bs != b:
+            for buf in (self.req_pool_indices, self.prefix_lens, self.extend_lens, self.seq_lens):
+                buf[b:bs].zero_()
+            for buf in (self.input_ids, self.positions, self.out_cache_loc):
+                buf[b * n : bs * n].zero_()
+        self.req_pool_indices[:b].copy_(rows)
+        self.prefix_lens[:b].copy_(prefix_lens)
+        self.extend_lens[:b].fill_(n)
+        torch.add(self.prefix_lens[:b], n, out=self.seq_lens[:b])
+        self.input_ids[: b * n].copy_(input_ids)
+        self.positions[: b * n].copy_(positions)
+        self.out_cache_loc[: b * n].copy_(out_cache_loc)
+        self.custom_mask[:b].copy_(custom_mask)
+        if self.capture:
+            self.graphs[bs].replay()
+            logits, aux = self.outputs[bs]
+        else:
+            logits, aux = self._run(self._batch(bs))
+        return logits[: b * n], aux[: b * n]

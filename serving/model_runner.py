@@ -38,6 +38,9 @@ class ModelRunner:
         )
         self.aux_layer_ids: tuple[int, ...] = ()  # set by the speculative worker
         self.graph_runner = None
+        self.verify_num_tokens: int | None = None  # set by the speculative worker: tree nodes per verify
+        self.verify_max_bs = 0
+        self.verify_graph = None
         logger.info("KV pool: %d slots (%s), context %d", num_slots - 1, self.dtype, self.context_length)
 
     def _kv_slots(self, mc) -> int:
@@ -147,6 +150,33 @@ class ModelRunner:
     def init_cuda_graphs(self) -> None:
         if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
             return
-        from serving.cuda_graph_runner import CudaGraphRunner
+        from serving.cuda_graph_runner import CudaGraphRunner, VerifyGraphRunner
 
         self.graph_runner = CudaGraphRunner(self, min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests))
+        if self.verify_num_tokens and self.backend.__class__.__name__ == "TritonAttentionBackend":
+            max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests, self.verify_max_bs)
+            self.verify_graph = VerifyGraphRunner(self, self.verify_num_tokens, max_bs)
+
+    @torch.inference_mode()
+    def verify(self, reqs: list[Req], node_slots: torch.Tensor, candidates: torch.Tensor, positions: torch.Tensor,
+               tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target forward over each request's N tree nodes (candidates / positions [B, N] on the device, node_slots
+        [B, N], tree_mask [B, N, N]) -> (logits [B, N, V] fp32, aux [B*N, 3H]); in a CUDA graph when captured."""
+        b, n = candidates.shape
+        if self.verify_graph is not None and self.verify_graph.can_run(b):
+            logits, aux = self.verify_graph.run(
+                self._tensor([r.row for r in reqs]),
+                self._tensor([r.kv_len for r in reqs]),
+                candidates.reshape(-1),
+                positions.reshape(-1),
+                node_slots.reshape(-1).to(self.device, non_blocking=True),
+                tree_mask,
+            )
+            return logits.view(b, n, -1), aux
+        fb = self.build_extend(reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY, capture_aux=True,
+                               tokens=[[0] * n for _ in reqs])
+        fb.input_ids = candidates.reshape(-1)
+        fb.positions = positions.reshape(-1)
+        fb.custom_mask = tree_mask
+        hidden, aux = self.forward(fb)
+        return self.model.compute_logits(hidden).view(b, n, -1), aux

@@ -74,6 +74,8 @@ class EagleWorker:
         if topk == 1:
             ntok = min(ntok, steps + 1)
         self.num_steps, self.topk, self.num_draft_tokens = steps, topk, ntok
+        runner.verify_num_tokens = ntok
+        runner.verify_max_bs = cfg.speculative_max_batch_size
         self.draft_kv = KVPool(1, runner.kv.num_slots, dc.num_key_value_heads, dc.head_dim, runner.dtype, self.device)
         self.draft_backend = create_backend(
             "torch" if self.device.type == "cpu" else cfg.attention_backend,
@@ -250,15 +252,9 @@ class EagleWorker:
             parent_list, selected, seq_lens, topk, self.num_steps, N
         )
 
-        # Target verify over all nodes.
+        # Target verify over all nodes (a CUDA graph per batch bucket when captured).
         node_slots = slots.view(B, N)
-        fb = runner.build_extend(
-            reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY, tokens=candidates.tolist(), capture_aux=True
-        )
-        fb.positions = positions.flatten().to(dev)
-        fb.custom_mask = tree_mask
-        hidden, aux = runner.forward(fb)
-        logits = runner.model.compute_logits(hidden).view(B, N, -1)  # [B, N, V]
+        logits, aux = runner.verify(reqs, node_slots, candidates, positions.to(dev), tree_mask)  # [B, N, V]
 
         params = [r.params for r in reqs]
         if all(p.greedy for p in params):

@@ -387,3 +387,37 @@ def test_adaptive_mode_is_lossless(tmp_path):
     adaptive = engine.generate(prompts, params)
     assert [r.output_ids for r in adaptive] == [r.output_ids for r in plain]
     assert sum(r.spec.num_verify_steps for r in adaptive) > 0
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_verify_on_fixed_buffers_is_lossless_with_padded_buckets(tmp_path, shape):
+    """The verify forward that CUDA graphs capture, run eagerly on its fixed buffers (Triton kernels in the
+    interpreter): 3 requests fill a bucket of 4, so a padded request rides along."""
+    from serving.cuda_graph_runner import VerifyGraphRunner
+
+    hf, target = tiny_target(vocab=64, layers=4)
+    with torch.no_grad():  # peaked attention, so a wrong position or a wrong mask changes the output
+        for layer in target.model.layers:
+            attn = layer.self_attn
+            attn.qkv_proj.weight[: attn.q_size + attn.kv_size] *= 4
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=32)
+    prompts = prompts_for(64, 3, seed=7)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=2048), target).generate(prompts, params)
+    spec_cfg = {**(CHAIN if shape == "chain" else TREE)}
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=2048, attention_backend="triton", speculative_draft_model_path=str(draft),
+            disable_speculative_adaptive=True, **spec_cfg,
+        ),
+        target,
+    )
+    runner = engine.runner
+    runner.verify_graph = VerifyGraphRunner(runner, runner.verify_num_tokens, max_bs=8, capture=False)
+    calls = []
+    original = runner.verify_graph.run
+    runner.verify_graph.run = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    got = engine.generate(prompts, params)
+    assert [r.output_ids for r in got] == [r.output_ids for r in plain]
+    assert calls and 3 in calls
+    assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
