@@ -89,6 +89,11 @@ class EagleWorker:
         self._verify_greedy = tree_ops.verify_tree_greedy if on_gpu else tree_ops.verify_tree_greedy_ref
         self._verify_sampling = tree_ops.tree_speculative_sampling if on_gpu else tree_ops.tree_speculative_sampling_ref
         self.max_batch = cfg.speculative_max_batch_size
+        self.draft_graphs = None
+        if self.device.type == "cuda" and not cfg.disable_cuda_graph:
+            self.draft_graphs = _DraftTreeGraphs(
+                self, min(cfg.cuda_graph_max_bs, cfg.max_running_requests, cfg.speculative_max_batch_size)
+            )
         self.adaptive = not cfg.disable_speculative_adaptive
         self._rates: dict[int, dict] = {}
         logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
@@ -244,7 +249,7 @@ class EagleWorker:
         eng, runner, dev = self.engine, self.runner, self.device
         B, N, topk = len(reqs), self.num_draft_tokens, self.topk
         reqs = list(reqs)
-        seq_lens = torch.tensor([r.kv_len for r in reqs], device=dev)
+        seq_lens = torch.tensor([r.kv_len for r in reqs]).to(dev, non_blocking=True)
         parent_list, selected, draft_tokens = self._grow_tree(reqs, seq_lens)
         roots = torch.tensor([r.all_ids[-1] for r in reqs], device=dev)
         candidates = torch.cat([roots[:, None], draft_tokens], dim=1)  # [B, N]
@@ -315,11 +320,20 @@ class EagleWorker:
 
     def _grow_tree(self, reqs: list[Req], seq_lens: torch.Tensor):
         """Draft steps with exact ancestor attention. Returns (parent_list, selected_index, draft_tokens)."""
-        topk = self.topk
         topk_p = torch.stack([r.draft_state["topk_p"] for r in reqs])  # [B, topk]
         topk_index = torch.stack([r.draft_state["topk_index"] for r in reqs])
         hidden = torch.stack([r.draft_state["hidden"] for r in reqs])  # [B, H]
-        ctx = _TreeDraftAttention(self, reqs, seq_lens)
+        rows = torch.tensor([r.row for r in reqs]).to(self.device, non_blocking=True)
+        max_len = max(r.kv_len for r in reqs)
+        if self.draft_graphs is not None and self.draft_graphs.can_run(len(reqs)):
+            return self.draft_graphs.run(topk_p, topk_index, hidden, seq_lens, rows, max_len)
+        return self._grow_tree_tensors(topk_p, topk_index, hidden, seq_lens, rows, max_len)
+
+    def _grow_tree_tensors(self, topk_p, topk_index, hidden, seq_lens, rows, width: int):
+        """The draft steps on tensors only (no host sync, fixed shapes for a given batch and prefix width), so a
+        CUDA graph can capture them. width >= every request's draft-KV length."""
+        topk = self.topk
+        ctx = _TreeDraftAttention(self, rows, seq_lens, width)
         score_list, token_list, parents_list = [], [], []
         scores = None
         for step in range(self.num_steps):
@@ -342,20 +356,19 @@ class _TreeDraftAttention:
 
     Tree K/V stay in local tensors (never in the pool): they are scratch for this iteration only."""
 
-    def __init__(self, worker: EagleWorker, reqs: list[Req], seq_lens: torch.Tensor):
+    def __init__(self, worker: EagleWorker, rows: torch.Tensor, seq_lens: torch.Tensor, width: int):
         self.topk = worker.topk
         self.scale = worker.draft.config.head_dim**-0.5
         kv = worker.draft_kv
-        max_len = int(seq_lens.max())
-        rows = torch.tensor([r.row for r in reqs], device=seq_lens.device)
-        slots = worker.runner.req_to_token.table[rows, :max_len].long()  # [B, L]
-        self.prefix_k = kv.k[0, slots]  # [B, L, Hkv, D]
+        slots = worker.runner.req_to_token.table[rows, :width].long()  # [B, W]
+        self.prefix_k = kv.k[0, slots]  # [B, W, Hkv, D]
         self.prefix_v = kv.v[0, slots]
-        self.prefix_valid = torch.arange(max_len, device=slots.device)[None, :] < seq_lens[:, None]  # [B, L]
+        self.prefix_valid = torch.arange(width, device=slots.device)[None, :] < seq_lens[:, None]  # [B, W]
         self.tree_k: list[torch.Tensor] = []  # per step [B, topk, Hkv, D]
         self.tree_v: list[torch.Tensor] = []
         self.ancestors: torch.Tensor | None = None  # [B, topk, steps_so_far] input index at each earlier step
-        self.batch = len(reqs)
+        self.batch = rows.shape[0]
+        self.eye = torch.eye(self.topk, dtype=torch.bool, device=slots.device)
 
     def begin_step(self, parent_rows: torch.Tensor) -> None:
         B, topk = self.batch, self.topk
@@ -375,12 +388,88 @@ class _TreeDraftAttention:
         keys = torch.cat([self.prefix_k] + self.tree_k, dim=1)  # [B, L + steps*topk, Hkv, D]
         vals = torch.cat([self.prefix_v] + self.tree_v, dim=1)
         tree_mask = torch.zeros(B, topk, steps * topk, dtype=torch.bool, device=q.device)
-        ar = torch.arange(topk, device=q.device)
         for s in range(steps - 1):
             idx = s * topk + self.ancestors[:, :, s]  # [B, topk]
             tree_mask.scatter_(2, idx[:, :, None], True)
-        tree_mask[:, ar, (steps - 1) * topk + ar] = True
+        tree_mask[:, :, (steps - 1) * topk :] |= self.eye  # each node sees itself (no host scalar: graph-safe)
         mask = torch.cat([self.prefix_valid[:, None, :].expand(-1, topk, -1), tree_mask], dim=2)  # [B, topk, T]
         qh = q.view(B, topk, hq, d).transpose(1, 2)  # [B, Hq, topk, D]
         out = grouped_attention(qh, keys.transpose(1, 2), vals.transpose(1, 2), mask, self.scale)
         return out.transpose(1, 2).reshape(B * topk, hq, d)
+
+
+class _DraftTreeGraphs:
+    """The draft's tree growth captured in CUDA graphs, one per (batch bucket, prefix-width bucket), captured on
+    first use. Padded requests have zero scores and row 0; their nodes are dropped after the replay."""
+
+    def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
+        from serving.cuda_graph_runner import batch_buckets
+
+        self.worker = worker
+        self.buckets = batch_buckets(max_bs)
+        self.max_bs = max_bs
+        self.capture = capture
+        dev, topk = worker.device, worker.topk
+        hidden_size = worker.draft.config.hidden_size
+        self.topk_p = torch.zeros(max_bs, topk, dtype=torch.float32, device=dev)
+        self.topk_index = torch.zeros(max_bs, topk, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(max_bs, hidden_size, dtype=worker.runner.dtype, device=dev)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
+        self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.table_width = worker.runner.req_to_token.table.shape[1]
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.outputs: dict[tuple[int, int], tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs
+
+    def width(self, max_len: int) -> int:
+        w = 256
+        while w < max_len:
+            w *= 2
+        return min(w, self.table_width)
+
+    def _fn(self, bs: int, width: int):
+        return lambda: self.worker._grow_tree_tensors(
+            self.topk_p[:bs], self.topk_index[:bs], self.hidden[:bs], self.seq_lens[:bs], self.rows[:bs], width
+        )
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        fn = self._fn(*key)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.graphs[key] = graph
+        self.outputs[key] = out
+        logger.info("captured a draft-tree CUDA graph for batch %d, prefix width %d", *key)
+
+    def run(self, topk_p, topk_index, hidden, seq_lens, rows, max_len: int):
+        import bisect
+
+        b = topk_p.shape[0]
+        bs = self.buckets[bisect.bisect_left(self.buckets, b)]
+        if bs != b:
+            for buf in (self.topk_p, self.topk_index, self.hidden, self.rows):
+                buf[b:bs].zero_()
+            self.seq_lens[b:bs].fill_(1)
+        self.topk_p[:b].copy_(topk_p)
+        self.topk_index[:b].copy_(topk_index)
+        self.hidden[:b].copy_(hidden)
+        self.seq_lens[:b].copy_(seq_lens)
+        self.rows[:b].copy_(rows)
+        key = (bs, self.width(max_len))
+        if not self.capture:
+            out = self._fn(*key)()
+        else:
+            if key not in self.graphs:
+                self._capture(key)
+            self.graphs[key].replay()
+            out = self.outputs[key]
+        return tuple(o[:b] for o in out)

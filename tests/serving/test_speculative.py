@@ -16,6 +16,7 @@ from tests.serving.conftest import tiny_target
 
 CHAIN = dict(speculative_num_steps=3, speculative_eagle_topk=1, speculative_num_draft_tokens=4)
 TREE = dict(speculative_num_steps=5, speculative_eagle_topk=4, speculative_num_draft_tokens=16)
+SMALL_TREE = dict(speculative_num_steps=4, speculative_eagle_topk=2, speculative_num_draft_tokens=8)
 
 
 def make_draft(hf, folder, draft_vocab=None, seed=0, sharpen=1.0):
@@ -391,33 +392,65 @@ def test_adaptive_mode_is_lossless(tmp_path):
 
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_verify_on_fixed_buffers_is_lossless_with_padded_buckets(tmp_path, shape):
-    """The verify forward that CUDA graphs capture, run eagerly on its fixed buffers (Triton kernels in the
-    interpreter): 3 requests fill a bucket of 4, so a padded request rides along."""
+    """The verify forward and the draft-tree growth that CUDA graphs capture, run eagerly on their fixed buffers
+    (Triton kernels in the interpreter): 3 requests fill a bucket of 4, so a padded request rides along."""
     from serving.cuda_graph_runner import VerifyGraphRunner
+    from serving.speculative.eagle_worker import _DraftTreeGraphs
 
-    hf, target = tiny_target(vocab=64, layers=4)
+    hf, target = tiny_target(vocab=8, layers=4)
     with torch.no_grad():  # peaked attention, so a wrong position or a wrong mask changes the output
         for layer in target.model.layers:
             attn = layer.self_attn
             attn.qkv_proj.weight[: attn.q_size + attn.kv_size] *= 4
-    draft = make_draft(hf, tmp_path / "draft", draft_vocab=32)
-    prompts = prompts_for(64, 3, seed=7)
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    prompts = prompts_for(8, 3, seed=7)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     plain = Engine(EngineConfig(max_total_tokens=2048), target).generate(prompts, params)
-    spec_cfg = {**(CHAIN if shape == "chain" else TREE)}
-    engine = Engine(
-        EngineConfig(
-            max_total_tokens=2048, attention_backend="triton", speculative_draft_model_path=str(draft),
-            disable_speculative_adaptive=True, **spec_cfg,
-        ),
-        target,
+    spec_cfg = EngineConfig(
+        max_total_tokens=2048, attention_backend="triton", speculative_draft_model_path=str(draft),
+        disable_speculative_adaptive=True, **(CHAIN if shape == "chain" else SMALL_TREE),
     )
+    eager = Engine(spec_cfg, target).generate(prompts, params)
+    engine = Engine(spec_cfg, target)
     runner = engine.runner
     runner.verify_graph = VerifyGraphRunner(runner, runner.verify_num_tokens, max_bs=8, capture=False)
-    calls = []
-    original = runner.verify_graph.run
-    runner.verify_graph.run = lambda *a: calls.append(a[0].shape[0]) or original(*a)
+    engine.spec_worker.draft_graphs = _DraftTreeGraphs(engine.spec_worker, max_bs=8, capture=False)
+    calls, draft_calls = [], []
+    verify_run, draft_run = runner.verify_graph.run, engine.spec_worker.draft_graphs.run
+    runner.verify_graph.run = lambda *a: calls.append(a[0].shape[0]) or verify_run(*a)
+    engine.spec_worker.draft_graphs.run = lambda *a: draft_calls.append(a[0].shape[0]) or draft_run(*a)
     got = engine.generate(prompts, params)
     assert [r.output_ids for r in got] == [r.output_ids for r in plain]
-    assert calls and 3 in calls
+    assert calls and 3 in calls and draft_calls == calls
+    # The same drafts as the eager path: same acceptance, request by request.
+    assert [r.spec.as_dict() for r in got] == [r.spec.as_dict() for r in eager]
+    if shape == "tree":  # 2 children out of 4 draft tokens (8 target tokens): drafts get accepted
+        assert sum(r.spec.num_accepted_tokens for r in got) > 0
     assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+
+
+@pytest.mark.parametrize("cfg", [CHAIN, TREE, SMALL_TREE])
+def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
+    """The draft-tree growth that CUDA graphs capture (fixed prefix width, padded batch bucket) proposes exactly the
+    eager path's tree: same parents, same selected nodes, same tokens."""
+    from serving.speculative.eagle_worker import _DraftTreeGraphs
+
+    hf, target = tiny_target(vocab=64, layers=4)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=32, sharpen=4.0)
+    engine = Engine(
+        EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **cfg), target
+    )
+    for p in prompts_for(64, 3, seed=9):
+        engine.submit(p, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    while len(engine.running) < 3 or any(not r.decode_ready for r in engine.running):
+        engine.step()
+    engine.step()  # one decode iteration, so the draft state comes from a draft extend after a verify
+    reqs = list(engine.running)
+    worker = engine.spec_worker
+    seq_lens = torch.tensor([r.kv_len for r in reqs])
+    eager = worker._grow_tree(reqs, seq_lens)
+    worker.draft_graphs = _DraftTreeGraphs(worker, max_bs=8, capture=False)
+    buffered = worker._grow_tree(reqs, seq_lens)
+    for a, b in zip(eager, buffered):
+        assert torch.equal(a, b)
+    assert buffered[2].shape == (3, worker.num_draft_tokens - 1)
