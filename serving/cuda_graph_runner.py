@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 
 import torch
@@ -10,6 +12,19 @@ import torch
 from serving.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def no_gc():
+    """No garbage collection while capturing: collecting another CUDA graph (an old engine's) mid-capture
+    resets it, which CUDA forbids during a capture and which invalidates the capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -63,7 +78,7 @@ class CudaGraphRunner:
                 self._run(fb)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with no_gc(), torch.cuda.graph(graph, pool=self.pool):
             out = self._run(fb)
         self.graphs[bs] = graph
         self.outputs[bs] = out
@@ -156,7 +171,7 @@ class VerifyGraphRunner:
                 self._run(fb)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with no_gc(), torch.cuda.graph(graph, pool=self.pool):
             out = self._run(fb)
         self.graphs[bs] = graph
         self.outputs[bs] = out

@@ -328,8 +328,6 @@ class Engine:
     def _continuous_steps(self) -> int:
         """Plain decode steps to run back to back: each step's sampled tokens feed the next on the device, and the
         host reads them once at the end (one sync and one round of scheduling per run instead of per token)."""
-        if self.spec_worker is not None:  # the draft consumes the target's aux states after every plain step
-            return 1
         k = self.cfg.num_continuous_decode_steps or (8 if self.device.type == "cuda" else 1)
         room = min(self.context_length - r.seq_len for r in self.running)
         wanted = max(r.params.max_tokens - len(r.output_ids) for r in self.running)
@@ -361,16 +359,14 @@ class Engine:
         produced = [len(r.output_ids) for r in reqs]
         if steps == 1:
             fb = self.runner.build_decode(reqs, grid[:, 0], capture_aux=self.spec_worker is not None)
-            logits, hidden, aux = self.runner.decode(fb)
-            tokens = sample(logits, params, produced)
-            runs = [[t] for t in tokens.tolist()]
+            logits, _, aux = self.runner.decode(fb)
+            if self.spec_worker is not None:
+                self.spec_worker.store_aux(fb.out_cache_loc, aux)
+            runs = [[t] for t in sample(logits, params, produced).tolist()]
         else:
-            run = self._continuous_decode(reqs, grid, params, produced)
-            runs = run.tolist()
+            runs = self._continuous_decode(reqs, grid, params, produced).tolist()
         for req, s in zip(reqs, grid):
             req.slots = torch.cat([req.slots, s])
-        if self.spec_worker is not None:
-            self.spec_worker.after_plain_decode(fb, reqs, hidden, aux, tokens)
         self._commit(reqs, runs)
         return False
 
@@ -381,12 +377,16 @@ class Engine:
         rows = runner._tensor([r.row for r in reqs])
         pos0 = runner._tensor([r.kv_len for r in reqs])
         grid_dev = grid.to(self.device, non_blocking=True)
+        spec = self.spec_worker
         tokens, outs = None, []
         for k in range(grid.shape[1]):
             fb = runner.build_decode(
-                reqs, grid_dev[:, k], input_ids=tokens, offset=k, rows=rows, positions=pos0 + k if k else pos0
+                reqs, grid_dev[:, k], input_ids=tokens, offset=k, rows=rows, positions=pos0 + k if k else pos0,
+                capture_aux=spec is not None,
             )
-            logits, _, _ = runner.decode(fb)
+            logits, _, aux = runner.decode(fb)
+            if spec is not None:
+                spec.store_aux(fb.out_cache_loc, aux)
             tokens = sample(logits, params, [p + k for p in produced])
             outs.append(tokens)
         return torch.stack(outs, dim=1)

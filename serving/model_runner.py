@@ -47,6 +47,9 @@ class ModelRunner:
         if self.cfg.max_total_tokens:
             return self.cfg.max_total_tokens + 1
         per_slot = KVPool.bytes_per_slot(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if self.cfg.speculative:  # the draft's one-layer KV and the stored aux states share the budget, by slot
+            elt = torch.empty((), dtype=self.dtype).element_size()
+            per_slot += KVPool.bytes_per_slot(1, mc.num_kv_heads, mc.head_dim, self.dtype) + 3 * mc.hidden_size * elt
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.cfg.mem_fraction_static

@@ -7,7 +7,9 @@ Per decode iteration, for B decode-ready requests (seq: L tokens with KV, the la
   3. accept: the longest path the target agrees with (greedy) or tree rejection sampling (exact target
      distribution), plus one bonus token; rejected nodes' KV slots are freed;
   4. draft extend: the draft consumes the accepted positions with the target's aux hidden states.
-The draft's KV pool is indexed by the same slots (and req_to_token rows) as the target's.
+The draft's KV pool is indexed by the same slots (and req_to_token rows) as the target's. Iterations that decode
+without speculation (adaptive mode, large batches) only store the target's aux states by slot; the draft consumes
+them in one extend when speculation resumes.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class EagleWorker:
         runner.verify_num_tokens = ntok
         runner.verify_max_bs = cfg.speculative_max_batch_size
         self.draft_kv = KVPool(1, runner.kv.num_slots, dc.num_key_value_heads, dc.head_dim, runner.dtype, self.device)
+        # The target's aux states of plain-decoded tokens, by KV slot, until the draft consumes them.
+        self.aux_pool = torch.zeros(
+            runner.kv.num_slots, len(runner.aux_layer_ids) * mc.hidden_size, dtype=runner.dtype, device=self.device
+        )
         self.draft_backend = create_backend(
             "torch" if self.device.type == "cpu" else cfg.attention_backend,
             self.draft_kv.k,
@@ -235,11 +241,21 @@ class EagleWorker:
             slots.append(s)
         self._draft_extend(reqs, starts, toks, aux, slots)
 
-    def after_plain_decode(self, fb, reqs, hidden, aux, tokens) -> None:
-        """Keep the draft's KV current while not speculating (large batches)."""
-        toks = [[t] for t in tokens.tolist()]
-        starts = [r.kv_len - 1 for r in reqs]
-        slots = [r.slots[-1:] for r in reqs]
+    def store_aux(self, out_cache_loc: torch.Tensor, aux: torch.Tensor) -> None:
+        """Plain decode steps only keep the target's aux states (by KV slot, on the device, no sync); the draft
+        consumes them when speculation resumes (`_catch_up`), so plain decoding pays no draft forward."""
+        self.aux_pool[out_cache_loc] = aux
+
+    def _catch_up(self, reqs: list[Req]) -> None:
+        """Draft-extend the positions decoded without speculation (draft_len .. kv_len - 1) from the stored aux."""
+        starts, toks, slots = [], [], []
+        for req in reqs:
+            start = req.draft_state.get("draft_len", 0)
+            ids = req.all_ids
+            starts.append(start)
+            toks.append(ids[start + 1 : req.kv_len + 1])
+            slots.append(req.slots[start : req.kv_len])
+        aux = self.aux_pool[torch.cat(slots).to(self.device, non_blocking=True)]
         self._draft_extend(reqs, starts, toks, aux, slots)
 
     # --- one speculative iteration ------------------------------------------------------------------------------
@@ -249,6 +265,9 @@ class EagleWorker:
         eng, runner, dev = self.engine, self.runner, self.device
         B, N, topk = len(reqs), self.num_draft_tokens, self.topk
         reqs = list(reqs)
+        behind = [r for r in reqs if r.draft_state.get("draft_len", 0) < r.kv_len]
+        if behind:
+            self._catch_up(behind)
         seq_lens = torch.tensor([r.kv_len for r in reqs]).to(dev, non_blocking=True)
         parent_list, selected, draft_tokens = self._grow_tree(reqs, seq_lens)
         roots = torch.tensor([r.all_ids[-1] for r in reqs], device=dev)
@@ -403,7 +422,9 @@ class _DraftTreeGraphs:
     first use. Padded requests have zero scores and row 0; their nodes are dropped after the replay."""
 
     def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
-        from serving.cuda_graph_runner import batch_buckets
+        from serving.cuda_graph_runner import batch_buckets, no_gc
+
+        self._no_gc = no_gc
 
         self.worker = worker
         self.buckets = batch_buckets(max_bs)
@@ -444,7 +465,7 @@ class _DraftTreeGraphs:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with self._no_gc(), torch.cuda.graph(graph, pool=self.pool):
             out = fn()
         self.graphs[key] = graph
         self.outputs[key] = out

@@ -6,7 +6,7 @@ import torch
 
 # The kernels run compiled on a GPU when there is one, else in the Triton interpreter on CPU tensors. Random data is
 # always drawn from seeded CPU generators and then moved, so both devices see the same values.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 ON_GPU = DEVICE.type == "cuda"
 
 # atol/rtol per dtype: fp32 differs only by summation order; fp16/bf16 by rounding of the output (bf16: 8 bits).

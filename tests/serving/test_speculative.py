@@ -454,3 +454,69 @@ def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
     for a, b in zip(eager, buffered):
         assert torch.equal(a, b)
     assert buffered[2].shape == (3, worker.num_draft_tokens - 1)
+
+
+def test_speculation_resumes_after_plain_stretches_with_the_stored_aux_states(tmp_path):
+    """Plain steps (several tokens each) between speculative ones: the draft catches up from the aux states the
+    plain steps stored, output stays lossless, and the drafts keep getting accepted."""
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    prompts = prompts_for(8, 5, seed=11)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=4096), target).generate(prompts, params)
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=4096, speculative_draft_model_path=str(draft), num_continuous_decode_steps=3, **TREE
+        ),
+        target,
+    )
+    worker = engine.spec_worker
+    turns = iter(([True] * 2 + [False] * 3) * 1000)
+    worker.should_speculate = lambda batch_size: next(turns)
+    caught_up = []
+    catch_up = worker._catch_up
+    worker._catch_up = lambda reqs: caught_up.append(len(reqs)) or catch_up(reqs)
+    last_writer = {}  # KV slot -> what computed it last: "plain" (aux stored), "spec" or "prefill"
+    store_aux, decode_step, after_prefill = worker.store_aux, worker.decode_step, worker.after_prefill
+
+    def mark(slots, who):
+        for slot in slots.flatten().tolist():
+            last_writer[slot] = who
+
+    worker.store_aux = lambda loc, aux: mark(loc, "plain") or store_aux(loc, aux)
+    worker.decode_step = lambda reqs, slots: mark(slots, "spec") or decode_step(reqs, slots)
+    worker.after_prefill = lambda fb, batch, new_slots, *a: [mark(s, "prefill") for s in new_slots] and \
+        after_prefill(fb, batch, new_slots, *a)
+    released = {}  # rid -> (tokens with KV, stored aux rows, plain rows), before the request gives its KV back
+    release_kv = engine._release_kv
+
+    def snapshot(req):
+        slots = req.slots.tolist()
+        plain_rows = torch.tensor([last_writer[x] == "plain" for x in slots])
+        released[req.rid] = (req.all_ids[: req.kv_len], worker.aux_pool[req.slots].clone(), plain_rows)
+        release_kv(req)
+
+    engine._release_kv = snapshot
+    spec = engine.generate(prompts, params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert caught_up  # speculation resumed after plain steps
+    assert sum(r.spec.num_accepted_tokens for r in spec) > sum(r.spec.num_verify_steps for r in spec) * 0.5
+    assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+    # The stored aux states are the target's: compare with one prefill over each finished sequence.
+    from serving.request import Req
+
+    runner = engine.runner
+    checked = 0
+    for r in spec:
+        ids, stored, plain_rows = released[r.rid]
+        kv = len(ids)
+        probe = Req(rid="p", prompt_ids=ids, params=SamplingParams(max_tokens=1))
+        probe.row = runner.req_to_token.alloc()
+        fresh = engine.allocator.alloc(kv)
+        fb = runner.build_extend([probe], [fresh], capture_aux=True)
+        _, aux = runner.forward(fb)
+        torch.testing.assert_close(stored[plain_rows], aux[plain_rows], atol=1e-4, rtol=1e-4)
+        checked += int(plain_rows.sum())
+        engine.allocator.free(fresh)
+        runner.req_to_token.free(probe.row)
+    assert checked >= 5 * 20
