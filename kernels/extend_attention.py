@@ -30,11 +30,12 @@ BLOCK_N_GPU = 64
 # Two stages: K/V gathered one block ahead (the slot indices are loaded a block before that), 96 KiB of shared
 # memory for 128 bf16 rows x 128 dims, so two programs are resident per H100/H200 SM (three stages: 128 KiB, one).
 NUM_STAGES_GPU = 2
-# Split heuristic: about this many stage-1 programs per SM (two resident at a time, a couple of waves); at least
-# MIN_KEYS_PER_SPLIT prefix keys per split, since each split of each token block writes and re-reads an fp32
-# [rows, D] partial (128 rows x 128 dims: 128 KiB, against the 512 KiB of K/V that 1024 keys of one KV head are).
-# Tree verify is compute-bound anyway (256 query rows per KV head: ~256 FLOP per K/V byte), so that traffic hides.
-PROGRAMS_PER_SM = 4
+# Split heuristic: split the prefix only while the unsplit grid would leave over half of the SMs idle, up to one
+# program per SM; at least MIN_KEYS_PER_SPLIT prefix keys per split, since each split of each token block writes
+# and re-reads an fp32 [rows, D] partial (128 rows x 128 dims: 128 KiB, against the 512 KiB of K/V that 1024 keys
+# of one KV head are). Measured on an H200 at Llama-8B tree-verify shapes (prefix 4096, 64 tree tokens): with 128
+# unsplit programs (batch 8), 1 split took 136 us, 4 splits 239 us, 8 splits 271 us; at batch 32, 1 split 507 us,
+# 2 splits 634 us (docs/results/h200_kernels.json).
 MIN_KEYS_PER_SPLIT = 1024
 MAX_KV_SPLITS = 32
 
@@ -45,10 +46,12 @@ def choose_num_kv_splits(
     """Prefix splits for a stage-1 grid of batch x num_kv_heads x num_m_blocks x splits (host ints only).
 
     E.g. 132 SMs, 8 KV heads, 2 token blocks (64 tree tokens x 4 query heads per KV head), 4096-token prefix:
-    batch 8 -> 4 splits (512 programs), batch 32 -> 2 (1024 programs); a prefix under 2048 tokens -> 1.
+    batch 8 or 32 -> 1 split (128 / 512 programs); batch 1 -> 4 (64 programs, 1024 keys each); a prefix under
+    2048 tokens -> 1.
     """
     num_blocks = max(1, -(-max_prefix_len // block_n))
-    wanted = -(-(sm_count * PROGRAMS_PER_SM) // max(1, batch * num_kv_heads * num_m_blocks))
+    programs = max(1, batch * num_kv_heads * num_m_blocks)
+    wanted = 1 if 2 * programs >= sm_count else -(-sm_count // programs)
     splits = max(1, min(wanted, max_prefix_len // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
     return -(-num_blocks // -(-num_blocks // splits))  # whole blocks per split, none empty at max_prefix_len
 

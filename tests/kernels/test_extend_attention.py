@@ -139,9 +139,11 @@ def test_extend_attention_splits_a_long_prefix_by_default():
 
 def test_choose_num_kv_splits_at_llama_tree_verify_shapes():
     """H200 (132 SMs), 8 KV heads, 64 tree tokens x 4 query heads = 2 token blocks of 128 rows, blocks of 64 keys."""
-    assert choose_num_kv_splits(8, 8, 2, 4096, 64, 132) == 4  # 512 stage-1 programs instead of 128
-    assert choose_num_kv_splits(32, 8, 2, 4096, 64, 132) == 2
-    assert choose_num_kv_splits(1, 8, 2, 32768, 64, 132) == 32  # capped at MAX_KV_SPLITS
+    assert choose_num_kv_splits(8, 8, 2, 4096, 64, 132) == 1  # 128 programs: splitting measured slower
+    assert choose_num_kv_splits(32, 8, 2, 4096, 64, 132) == 1
+    assert choose_num_kv_splits(1, 8, 2, 4096, 64, 132) == 4  # 16 programs; 1024 keys per split at least
+    assert choose_num_kv_splits(1, 8, 2, 32768, 64, 132) == 9  # up to one program per SM (144 >= 132)
+    assert choose_num_kv_splits(1, 3, 1, 8192, 64, 132) == 8  # SmolLM2 verify at batch 1: 3 programs
     assert choose_num_kv_splits(8, 8, 2, 1500, 64, 132) == 1  # under 2 x 1024 keys: not worth a partial
     assert choose_num_kv_splits(128, 8, 2, 4096, 64, 132) == 1  # the grid is full without splitting
     for batch, prefix in ((1, 3000), (2, 5000), (8, 4097)):
