@@ -1,4 +1,5 @@
-"""Decode captured in CUDA graphs, one per batch-size bucket; replays pad the batch with row 0 / slot 0."""
+"""CUDA graphs of the decode step and of the speculative verify forward, one per batch-size bucket; replays pad
+the batch with row 0 / slot 0."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ def no_gc():
     finally:
         if enabled:
             gc.enable()
+
+
+def capture(fn, pool):
+    """(graph, fn's outputs): fn run twice on a side stream (Triton compiles, allocations settle), then captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with no_gc(), torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -71,17 +86,7 @@ class CudaGraphRunner:
 
     def _capture(self, bs: int) -> None:
         fb = self._batch(bs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile/autotune outside capture
-                self._run(fb)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with no_gc(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._run(fb)
-        self.graphs[bs] = graph
-        self.outputs[bs] = out
+        self.graphs[bs], self.outputs[bs] = capture(lambda: self._run(fb), self.pool)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.batch_size <= self.max_bs and tuple(fb.aux_layer_ids) in ((), tuple(self.aux_layer_ids))
@@ -164,17 +169,7 @@ class VerifyGraphRunner:
 
     def _capture(self, bs: int) -> None:
         fb = self._batch(bs)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run(fb)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with no_gc(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._run(fb)
-        self.graphs[bs] = graph
-        self.outputs[bs] = out
+        self.graphs[bs], self.outputs[bs] = capture(lambda: self._run(fb), self.pool)
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs

@@ -422,9 +422,7 @@ class _DraftTreeGraphs:
     first use. Padded requests have zero scores and row 0; their nodes are dropped after the replay."""
 
     def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
-        from serving.cuda_graph_runner import batch_buckets, no_gc
-
-        self._no_gc = no_gc
+        from serving.cuda_graph_runner import batch_buckets
 
         self.worker = worker
         self.buckets = batch_buckets(max_bs)
@@ -457,18 +455,9 @@ class _DraftTreeGraphs:
         )
 
     def _capture(self, key: tuple[int, int]) -> None:
-        fn = self._fn(*key)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with self._no_gc(), torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
-        self.graphs[key] = graph
-        self.outputs[key] = out
+        from serving.cuda_graph_runner import capture
+
+        self.graphs[key], self.outputs[key] = capture(self._fn(*key), self.pool)
         logger.info("captured a draft-tree CUDA graph for batch %d, prefix width %d", *key)
 
     def run(self, topk_p, topk_index, hidden, seq_lens, rows, max_len: int):
