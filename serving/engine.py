@@ -352,9 +352,7 @@ class Engine:
             return True
         reqs = list(self.running)
         n = len(reqs)
-        steps = min(steps, slots.numel() // n)
-        self.allocator.free(slots[n * steps :])
-        grid = slots[: n * steps].view(n, steps)  # row i: request i's slots for steps 0..steps-1
+        grid = slots.view(n, steps)  # row i: request i's slots for steps 0..steps-1
         params = [r.params for r in reqs]
         produced = [len(r.output_ids) for r in reqs]
         if steps == 1:

@@ -156,7 +156,7 @@ class ModelRunner:
         from serving.cuda_graph_runner import CudaGraphRunner, VerifyGraphRunner
 
         self.graph_runner = CudaGraphRunner(self, min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests))
-        if self.verify_num_tokens and self.backend.__class__.__name__ == "TritonAttentionBackend":
+        if self.verify_num_tokens and self.backend.graph_capturable:
             max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests, self.verify_max_bs)
             self.verify_graph = VerifyGraphRunner(self, self.verify_num_tokens, max_bs)
 

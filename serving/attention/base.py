@@ -8,6 +8,9 @@ from serving.forward_batch import ForwardBatch
 
 
 class AttentionBackend:
+    # True when forward reads no host-side metadata, so a CUDA graph can capture it with fixed-size buffers.
+    graph_capturable = False
+
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, req_to_token: torch.Tensor, scale: float):
         self.k_cache = k_cache  # [L, S, Hkv, D]
         self.v_cache = v_cache

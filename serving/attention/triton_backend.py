@@ -10,6 +10,8 @@ from serving.attention.base import AttentionBackend
 class TritonAttentionBackend(AttentionBackend):
     """Split counts are chosen by the kernels from host ints only (shapes, SM count, req_to_token width)."""
 
+    graph_capturable = True
+
     def _store(self, k, v, layer_id, fb):
         store_kv(self.k_cache[layer_id], self.v_cache[layer_id], fb.out_cache_loc, k, v)
 
