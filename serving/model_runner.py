@@ -122,7 +122,7 @@ class ModelRunner:
         self.req_to_token.table[rows_t, pos_t] = loc.to(torch.int32)
         seq = [p + 1 for p in pos]
         if input_ids is None:
-            input_ids = self._tensor([r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in reqs])
+            input_ids = self._tensor([r.last_token for r in reqs])
         return ForwardBatch(
             mode=ForwardMode.DECODE,
             input_ids=input_ids,

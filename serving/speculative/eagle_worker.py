@@ -270,7 +270,7 @@ class EagleWorker:
             self._catch_up(behind)
         seq_lens = torch.tensor([r.kv_len for r in reqs]).to(dev, non_blocking=True)
         parent_list, selected, draft_tokens = self._grow_tree(reqs, seq_lens)
-        roots = torch.tensor([r.all_ids[-1] for r in reqs]).to(dev, non_blocking=True)
+        roots = torch.tensor([r.last_token for r in reqs]).to(dev, non_blocking=True)
         candidates = torch.cat([roots[:, None], draft_tokens], dim=1)  # [B, N]
         tree_mask, positions, r_index, r_next, r_sib = self._build_tree(
             parent_list, selected, seq_lens, topk, self.num_steps, N
