@@ -110,6 +110,42 @@ def _extend_attention_block(
 
 
 @triton.jit
+def _prefix_block_step(
+    q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i, acc, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """One block of paged prefix keys at n0 (its slot indices `slots` loaded a block early); returns the updated
+    (m_i, l_i, acc) and the next block's slot indices."""
+    mask_n = n0 + offs_n < kv_end
+    next_pos = n0 + BLOCK_N + offs_n
+    next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
+    m_i, l_i, acc = _extend_attention_block(
+        q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
+        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+    )  # fmt: skip
+    return m_i, l_i, acc, next_slots
+
+
+@triton.jit
+def _new_block_step(
+    q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn, stride_vn, m_i, l_i, acc,
+    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr, USE_CUSTOM_MASK: tl.constexpr,
+):  # fmt: skip
+    """One block of the request's new tokens at n0, causal or under the custom mask; returns (m_i, l_i, acc)."""
+    pos = n0 + offs_n
+    mask_n = pos < extend_len
+    if USE_CUSTOM_MASK:
+        seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
+        allowed = (seen != 0) & mask_n[None, :]
+    else:
+        allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
+    return _extend_attention_block(
+        q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
+        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+    )  # fmt: skip
+
+
+@triton.jit
 def _extend_attention_kernel(
     q_ptr,
     k_ptr,
@@ -210,25 +246,17 @@ def _extend_attention_kernel(
                 # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
                 n0 = kv_start
                 while n0 < kv_end:
-                    mask_n = n0 + offs_n < kv_end
-                    next_pos = n0 + BLOCK_N + offs_n
-                    next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
-                    m_i, l_i, acc = _extend_attention_block(
-                        q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
-                        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    m_i, l_i, acc, slots = _prefix_block_step(
+                        q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i,
+                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET,
                     )  # fmt: skip
-                    slots = next_slots
                     n0 += BLOCK_N
             else:
                 for n0 in range(kv_start, kv_end, BLOCK_N):
-                    mask_n = n0 + offs_n < kv_end
-                    next_pos = n0 + BLOCK_N + offs_n
-                    next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
-                    m_i, l_i, acc = _extend_attention_block(
-                        q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
-                        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    m_i, l_i, acc, slots = _prefix_block_step(
+                        q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i,
+                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET,
                     )  # fmt: skip
-                    slots = next_slots
 
         if PHASE == PREFIX_SPLIT:
             has_keys = l_i > 0.0
@@ -272,30 +300,16 @@ def _extend_attention_kernel(
             if INTERPRET:
                 n0 = extend_end * 0
                 while n0 < extend_end:
-                    pos = n0 + offs_n
-                    mask_n = pos < extend_len
-                    if USE_CUSTOM_MASK:
-                        seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
-                        allowed = (seen != 0) & mask_n[None, :]
-                    else:
-                        allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
-                    m_i, l_i, acc = _extend_attention_block(
-                        q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
-                        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    m_i, l_i, acc = _new_block_step(
+                        q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn,
+                        stride_vn, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, USE_CUSTOM_MASK,
                     )  # fmt: skip
                     n0 += BLOCK_N
             else:
                 for n0 in range(0, extend_end, BLOCK_N):
-                    pos = n0 + offs_n
-                    mask_n = pos < extend_len
-                    if USE_CUSTOM_MASK:
-                        seen = tl.load(mask_base + pos[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0)
-                        allowed = (seen != 0) & mask_n[None, :]
-                    else:
-                        allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
-                    m_i, l_i, acc = _extend_attention_block(
-                        q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
-                        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+                    m_i, l_i, acc = _new_block_step(
+                        q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn,
+                        stride_vn, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, USE_CUSTOM_MASK,
                     )  # fmt: skip
 
             # A token that sees nothing (possible only under a custom mask with no prefix) gets zeros.
