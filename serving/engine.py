@@ -89,9 +89,12 @@ class Engine:
         if len(prompt_ids) + 1 > self.allocator.capacity:
             raise InvalidRequest("the prompt does not fit in the KV cache", "prompt")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output=None, rid: str | None = None) -> Req:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_output=None, rid: str | None = None, stream=True
+    ) -> Req:
+        """Queue a request. stream=False: on_output is called once, with the whole text, when it finishes."""
         self.check_prompt(prompt_ids, params)
-        req = Req(rid or uuid.uuid4().hex, list(prompt_ids), params, self.eos_token_ids, on_output)
+        req = Req(rid or uuid.uuid4().hex, list(prompt_ids), params, self.eos_token_ids, on_output, stream=stream)
         if self.spec_worker is not None:
             req.spec = SpecStats()
         self._inbox.put(("add", req))
@@ -134,7 +137,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Req]:
         """Blocking batch generation in the caller's thread (tests, benchmarks); returns finished requests."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist)]
+        reqs = [self.submit(p, sp, stream=False) for p, sp in zip(prompts, plist)]
         if self._thread is not None:
             while not all(r.finished for r in reqs):
                 time.sleep(0.002)
@@ -418,12 +421,13 @@ class Engine:
             elif self.metrics is not None:
                 self.metrics.itl.observe((now - req.last_token_time) / max(1, len(accepted)))
             req.last_token_time = now
-            stop_hit = self._update_text(req, final=reason is not None)
-            if stop_hit:
-                reason = "stop"
+            # Text is needed now only to find stop strings or to stream it; otherwise it is decoded once, at the end.
+            if reason is not None or req.params.stop or (req.stream and req.on_output is not None):
+                if self._update_text(req, final=reason is not None):
+                    reason = "stop"
             if reason is not None:
                 self._finish(req, reason)
-            else:
+            elif req.stream:
                 self._emit(req, finished=False)
 
     def _update_text(self, req: Req, final: bool) -> bool:
@@ -497,4 +501,6 @@ class Engine:
         self._reqs.pop(req.rid, None)
         if self.metrics is not None:
             self.metrics.observe_finished(req)
+        if req.detok_read < len(req.output_ids):  # text not kept up to date (not streamed, no stop strings)
+            self._update_text(req, final=True)
         self._emit(req, finished=True, error=error)

@@ -61,6 +61,7 @@ class Req:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     on_output: Callable[[RequestOutput], None] | None = None
+    stream: bool = True  # False: on_output hears only the finished output (no per-token events, no detokenizing)
     output_ids: list[int] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
     finish_reason: str | None = None

@@ -40,7 +40,7 @@ def _load_template(template: str | None) -> str | None:
 class _Generation:
     """Requests of one HTTP call (n choices x prompts), their outputs bridged from the engine thread."""
 
-    def __init__(self, engine: Engine, prompts: list[list[int]], params):
+    def __init__(self, engine: Engine, prompts: list[list[int]], params, stream: bool = True):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -53,7 +53,7 @@ class _Generation:
             for j in range(params.n):
                 child = _child_params(params, j)
                 index = p_idx * params.n + j
-                self.reqs.append(engine.submit(prompt, child, self._callback(index)))
+                self.reqs.append(engine.submit(prompt, child, self._callback(index), stream=stream))
         self.finished: dict[int, RequestOutput] = {}
 
     def _callback(self, index):
@@ -204,7 +204,7 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         check_model(body.model)
         prompts = _completion_prompts(body.prompt, tokenizer)
         params = body.sampling_params(default_max_tokens=16)
-        gen = _Generation(engine, prompts, params)
+        gen = _Generation(engine, prompts, params, stream=bool(body.stream))
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(
@@ -242,7 +242,7 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         body.max_tokens = max_tokens
         params = body.sampling_params(default_max_tokens=max(1, engine.context_length - len(prompt)))
-        gen = _Generation(engine, [prompt], params)
+        gen = _Generation(engine, [prompt], params, stream=bool(body.stream))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return StreamingResponse(_stream_chat(gen, rid, engine.model_name), media_type="text/event-stream")

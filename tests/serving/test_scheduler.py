@@ -100,3 +100,32 @@ def test_continuous_decode_under_kv_pressure_falls_back_and_preempts():
     assert [r.output_ids for r in engine.generate(prompts, params)] == want
     assert engine.num_preemptions > 0
     assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+
+
+def test_unstreamed_request_hears_once_with_the_whole_text():
+    """stream=False: one event, at the end, whose text equals the streamed request's concatenated deltas, stop
+    strings included (they are still found while decoding)."""
+    _, target = tiny_target()
+    prompts = _prompts(4, seed=8)
+    base = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=8192), target).generate(prompts, base)
+    stop_text = plain[1].text[4:9]  # lands inside the output: cuts it there
+    params = [base, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop_text]), base, base]
+    for k in (1, 8):
+        engine = Engine(EngineConfig(max_total_tokens=8192, num_continuous_decode_steps=k), target)
+        events = {True: [[] for _ in prompts], False: [[] for _ in prompts]}
+        reqs = []
+        for stream in (True, False):
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                reqs.append(engine.submit(p, sp, events[stream][i].append, stream=stream))
+        while not all(r.finished for r in reqs):
+            engine.step()
+        for i in range(len(prompts)):
+            streamed, once = events[True][i], events[False][i]
+            assert len(once) == 1 and once[0].finished and len(streamed) > 1
+            assert once[0].text_delta == "".join(e.text_delta for e in streamed)
+            assert once[0].token_ids == [t for e in streamed for t in e.token_ids]
+            assert once[0].finish_reason == streamed[-1].finish_reason
+        assert events[False][1][0].finish_reason == "stop"
+        assert stop_text not in events[False][1][0].text_delta
+        assert events[False][0][0].text_delta == plain[0].text
