@@ -116,14 +116,17 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
     }
 
 
-def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
-    """Random weights in Llama-3.1-8B's shape (bf16): decode step at batch 1 against one read of the weights, and a
-    64-token tree forward against one decode step."""
+def llama8b_setup(prompt_len: int = 512) -> dict:
+    """Random weights in Llama-3.1-8B's shape (bf16) behind an engine with one request's prefix of prompt_len:
+    callables for the decode graph replay (batch 1), the 64-token tree forward eager, and the same forward through
+    the verify CUDA graph (aux states and logits included, as the speculative engine runs it)."""
     from serving.config import EngineConfig
+    from serving.cuda_graph_runner import VerifyGraphRunner
     from serving.engine import Engine
     from serving.forward_batch import ForwardMode
     from serving.models.llama import LlamaForCausalLM, TargetConfig
     from serving.models.loader import LoadedTarget
+    from serving.request import Req
     from serving.sampling import SamplingParams
 
     cfg = TargetConfig("llama", 4096, 32, 32, 8, 128, 14336, 128256, 1e-5, 500000.0, None, 8192, False, False, False)
@@ -142,12 +145,8 @@ def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
     target = LoadedTarget(model, tok, SimpleNamespace(eos_token_id=None), "llama8b-random", "llama8b-random", "x")
     engine = Engine(EngineConfig(max_running_requests=1, max_total_tokens=16384, cuda_graph_max_bs=1), target)
     prompt = torch.randint(0, 128000, (prompt_len,)).tolist()
-    reqs = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    decode_ms = _graph_step_ms(engine)
-    # 64-token tree forward (TARGET_VERIFY with a random tree mask) after the same prefix.
+    engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     runner = engine.runner
-    from serving.request import Req
-
     tree_req = Req("tree", prompt, SamplingParams())
     tree_req.row = runner.req_to_token.alloc()
     tree_req.slots = engine.allocator.alloc(prompt_len)  # prefix KV content does not change the cost
@@ -162,34 +161,45 @@ def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
     mask[:, 0] = True
     fb = runner.build_extend([tree_req], [slots], mode=ForwardMode.TARGET_VERIFY, tokens=[list(range(n))])
     fb.custom_mask = mask[None].cuda()
-
-    def time_ms(fn, reps=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    eager_ms = time_ms(lambda: model.compute_logits(runner.forward(fb)[0]))
-    # The serving path: the verify forward captured in a CUDA graph (as the speculative engine runs it).
-    from serving.cuda_graph_runner import VerifyGraphRunner
-
     runner.aux_layer_ids = (1, 15, 28)
     verify = VerifyGraphRunner(runner, n, max_bs=1)
     rows = torch.tensor([tree_req.row], device="cuda")
     prefix = torch.tensor([prompt_len], device="cuda")
     ids, pos = torch.arange(n, device="cuda"), torch.full((n,), prompt_len, device="cuda")
     loc = slots.cuda()
-    tree_ms = time_ms(lambda: verify.run(rows, prefix, ids, pos, loc, fb.custom_mask))
-    floor_ms = weight_bytes / copy_bw * 1e3
-    del reqs
     return {
+        "engine": engine,
         "weight_bytes": weight_bytes,
+        "prefix": prompt_len,
+        "decode": runner.graph_runner.graphs[1].replay,
+        "tree_eager": lambda: model.compute_logits(runner.forward(fb)[0]),
+        "tree_graph": lambda: verify.run(rows, prefix, ids, pos, loc, fb.custom_mask),
+    }
+
+
+def _time_ms(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
+    """Decode step at batch 1 against one read of the weights, and a 64-token tree forward against one decode step
+    (random weights in Llama-3.1-8B's shape, bf16)."""
+    s = llama8b_setup(prompt_len)
+    decode_ms = _time_ms(s["decode"], 50)
+    eager_ms = _time_ms(s["tree_eager"])
+    tree_ms = _time_ms(s["tree_graph"])
+    floor_ms = s["weight_bytes"] / copy_bw * 1e3
+    return {
+        "weight_bytes": s["weight_bytes"],
         "weights_read_ms": floor_ms,
         "decode_step_ms": decode_ms,
         "decode_over_floor": decode_ms / floor_ms,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._attention_common import dot_split_p
 from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor, next_pow2, num_sms, on_interpreter
 
 _LOG2E = 1.4426950408889634
@@ -83,6 +84,7 @@ def _extend_attention_block(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
 ):
     """Online-softmax update with BLOCK_N keys at token rows `rows` [BLOCK_N] (int64) of k/v (head offset applied).
 
@@ -104,6 +106,8 @@ def _extend_attention_block(
     v = tl.load(v_rows_ptr + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     if INTERPRET:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    elif PRECISE_PV:
+        acc = dot_split_p(p, v, acc * alpha[:, None])
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
@@ -113,6 +117,7 @@ def _extend_attention_block(
 def _prefix_block_step(
     q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i, acc, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
 ):  # fmt: skip
     """One block of paged prefix keys at n0 (its slot indices `slots` loaded a block early); returns the updated
     (m_i, l_i, acc) and the next block's slot indices."""
@@ -121,7 +126,7 @@ def _prefix_block_step(
     next_slots = tl.load(slot_row + next_pos, mask=next_pos < kv_end, other=0)
     m_i, l_i, acc = _extend_attention_block(
         q, k_prefix, v_prefix, slots.to(tl.int64), mask_n, stride_kbn, stride_vbn, mask_n[None, :],
-        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+        m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
     )  # fmt: skip
     return m_i, l_i, acc, next_slots
 
@@ -130,6 +135,7 @@ def _prefix_block_step(
 def _new_block_step(
     q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn, stride_vn, m_i, l_i, acc,
     qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr, USE_CUSTOM_MASK: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
 ):  # fmt: skip
     """One block of the request's new tokens at n0, causal or under the custom mask; returns (m_i, l_i, acc)."""
     pos = n0 + offs_n
@@ -141,7 +147,7 @@ def _new_block_step(
         allowed = (pos[None, :] <= tok[:, None]) & mask_n[None, :]
     return _extend_attention_block(
         q, k_new, v_new, start_loc + pos, mask_n, stride_kn, stride_vn, allowed, m_i, l_i, acc,
-        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET,
+        qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
     )  # fmt: skip
 
 
@@ -193,6 +199,7 @@ def _extend_attention_kernel(
     num_m_blocks,  # runtime: a constexpr would compile a kernel per prompt length
     PHASE: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
 ):
     """PHASE FULL: prefix + new tokens -> out. PREFIX_SPLIT: prefix split `split` -> partial_out, partial_lse
     [N, Hq, S, D], [N, Hq, S] (log2 units). MERGE_EXTEND: the S partials, then the new tokens -> out."""
@@ -248,14 +255,14 @@ def _extend_attention_kernel(
                 while n0 < kv_end:
                     m_i, l_i, acc, slots = _prefix_block_step(
                         q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i,
-                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET,
+                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET, PRECISE_PV,
                     )  # fmt: skip
                     n0 += BLOCK_N
             else:
                 for n0 in range(kv_start, kv_end, BLOCK_N):
                     m_i, l_i, acc, slots = _prefix_block_step(
                         q, k_prefix, v_prefix, slot_row, slots, n0, kv_end, offs_n, stride_kbn, stride_vbn, m_i, l_i,
-                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET,
+                        acc, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, INTERPRET, PRECISE_PV,
                     )  # fmt: skip
 
         if PHASE == PREFIX_SPLIT:
@@ -303,6 +310,7 @@ def _extend_attention_kernel(
                     m_i, l_i, acc = _new_block_step(
                         q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn,
                         stride_vn, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, USE_CUSTOM_MASK,
+                        PRECISE_PV,
                     )  # fmt: skip
                     n0 += BLOCK_N
             else:
@@ -310,6 +318,7 @@ def _extend_attention_kernel(
                     m_i, l_i, acc = _new_block_step(
                         q, k_new, v_new, start_loc, n0, offs_n, extend_len, tok, mask_r, mask_base, stride_kn,
                         stride_vn, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, USE_CUSTOM_MASK,
+                        PRECISE_PV,
                     )  # fmt: skip
 
             # A token that sees nothing (possible only under a custom mask with no prefix) gets zeros.
@@ -338,6 +347,7 @@ def extend_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     max_prefix_len_hint: int | None = None,
+    precise_pv: bool = True,
 ) -> torch.Tensor:
     """Attention of N new tokens (B requests, packed) over their paged prefixes and themselves.
 
@@ -349,6 +359,7 @@ def extend_attention(
     q owned by no request are left untouched. No host sync, so it can be captured in a CUDA graph.
     num_kv_splits: how many parts the prefix is split into (None: `choose_num_kv_splits` from the batch, the KV
     heads, the token blocks, the SM count and the prefix bound max_prefix_len_hint, else req_to_token's width).
+    precise_pv (bf16/fp16): probabilities enter P.V with about 16 bits (`kernels._attention_common.dot_split_p`).
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -458,6 +469,7 @@ def extend_attention(
             num_m_blocks=num_m_blocks,
             PHASE=phase.value,
             INTERPRET=interpret,
+            PRECISE_PV=precise_pv and q.dtype != torch.float32,
             **({} if interpret else {"num_warps": num_warps, "num_stages": NUM_STAGES_GPU}),
         )
     return out

@@ -67,14 +67,16 @@ def main() -> int:
         return 2
     ok = True
     bf = "*bf16"
-    for head_dim, bf in ((64, "*bf16"), (128, "*bf16"), (128, "*fp32"), (128, "*fp16")):
+    for head_dim, bf, precise in ((64, "*bf16", True), (128, "*bf16", True), (128, "*bf16", False),
+                                  (128, "*fp32", False), (128, "*fp16", True)):
         ok &= compile_variant(
             decode_attention._decode_attention_stage1_kernel,
             dict(
                 q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
                 seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32",
             ),
-            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False),
+            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False,
+                 PRECISE_PV=precise),
             num_warps=decode_attention.NUM_WARPS_GPU,
             num_stages=decode_attention.NUM_STAGES_GPU,
         )  # fmt: skip
@@ -85,14 +87,15 @@ def main() -> int:
     )
     ea = extend_attention
     variants = [
-        (4, 32, True, "*bf16", ea.PREFIX_SPLIT),
-        (4, 32, True, "*bf16", ea.MERGE_EXTEND),
-        (4, 32, True, "*bf16", ea.FULL),
-        (1, 64, False, "*bf16", ea.FULL),
-        (4, 32, True, "*fp32", ea.PREFIX_SPLIT),
-        (4, 32, True, "*fp32", ea.FULL),
+        (4, 32, True, "*bf16", ea.PREFIX_SPLIT, True),
+        (4, 32, True, "*bf16", ea.MERGE_EXTEND, True),
+        (4, 32, True, "*bf16", ea.FULL, True),
+        (4, 32, True, "*bf16", ea.FULL, False),
+        (1, 64, False, "*bf16", ea.FULL, True),
+        (4, 32, True, "*fp32", ea.PREFIX_SPLIT, False),
+        (4, 32, True, "*fp32", ea.FULL, False),
     ]
-    for group, block_m, mask, bf, phase in variants:
+    for group, block_m, mask, bf, phase, precise in variants:
         ok &= compile_variant(
             ea._extend_attention_kernel,
             dict(
@@ -104,6 +107,7 @@ def main() -> int:
             dict(
                 GROUP=group, BLOCK_G=group, BLOCK_M=block_m, BLOCK_N=64, HEAD_DIM=128, BLOCK_D=128,
                 USE_CUSTOM_MASK=mask, NUM_SPLITS=4, PHASE=phase.value, INTERPRET=False,
+                PRECISE_PV=precise,
             ),
             num_warps=8 if group * block_m >= 128 else 4,
             num_stages=ea.NUM_STAGES_GPU,
