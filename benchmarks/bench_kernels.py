@@ -103,7 +103,7 @@ def auto_extend_splits(batch: int, prefix: int, tree_tokens: int, device: torch.
     return module.choose_num_kv_splits(batch, NUM_KV_HEADS, num_m_blocks, prefix, block_n, num_sms(device))
 
 
-def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
+def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     from kernels import decode_attention, decode_attention_ref
 
@@ -117,7 +117,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
     def run():
         decode_attention(
             q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, out=out,
-            num_kv_splits=num_kv_splits, max_seq_len_hint=prefix,
+            num_kv_splits=num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
         )  # fmt: skip
 
     run()
@@ -136,6 +136,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype) -> dict:
     nbytes = 2 * batch * prefix * NUM_KV_HEADS * HEAD_DIM * elt + 2 * q.numel() * elt + batch * prefix * 4
     return {
         "kernel": "decode_attention",
+        "precise_pv": precise_pv,
         "batch": batch,
         "prefix": prefix,
         "query_tokens": 1,
@@ -166,7 +167,7 @@ def random_tree_mask(batch, num_nodes, gen) -> torch.Tensor:
     return mask
 
 
-def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype) -> dict:
+def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     from kernels import extend_attention, extend_attention_ref
 
@@ -188,7 +189,10 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
     )  # fmt: skip
 
     def run():
-        extend_attention(*args, custom_mask=tree_mask, out=out, num_kv_splits=num_kv_splits, max_prefix_len_hint=prefix)
+        extend_attention(
+            *args, custom_mask=tree_mask, out=out, num_kv_splits=num_kv_splits, max_prefix_len_hint=prefix,
+            precise_pv=precise_pv,
+        )  # fmt: skip
 
     run()
     ref = extend_attention_ref(*args, custom_mask=tree_mask)
@@ -214,6 +218,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
     nbytes = kv_bytes + 2 * q.numel() * elt + batch * prefix * 4 + tree_mask.numel()
     return {
         "kernel": "extend_attention (tree verify)",
+        "precise_pv": precise_pv,
         "batch": batch,
         "prefix": prefix,
         "query_tokens": tree_tokens,
@@ -235,7 +240,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
 def print_table(copy: dict, rows: list[dict]) -> None:
     print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s\n")
     header = (
-        f"{'kernel':<32}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
+        f"{'kernel':<32}{'P.V':>8}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
         f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
     )
     print(header)
@@ -246,7 +251,8 @@ def print_table(copy: dict, rows: list[dict]) -> None:
             continue
         splits = f"auto({r['num_kv_splits']})" if r.get("auto_splits") else str(r["num_kv_splits"])
         print(
-            f"{r['kernel']:<32}{r['batch']:>4}{splits:>10}{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
+            f"{r['kernel']:<32}{'precise' if r['precise_pv'] else 'bf16':>8}{r['batch']:>4}{splits:>10}"
+            f"{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
             f"{r['pct_of_copy']:>7.1f}{r['sdpa_time_us']:>10.1f}{r['sdpa_pct_of_copy']:>8.1f}"
             f"{r['speedup_vs_sdpa']:>9.2f}{r['max_abs_err']:>10.2e}  {'yes' if r['ok'] else 'NO'}"
         )
@@ -287,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--extend-kv-splits", default="auto,1,8", help="tree-verify prefix split counts to time (auto: the default)"
     )
+    parser.add_argument(
+        "--pv", default="precise,bf16", help="P.V variants: precise (split probabilities, the default) and/or bf16"
+    )
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
     parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
@@ -318,20 +327,26 @@ def main(argv: list[str] | None = None) -> int:
 
     copy = copy_bandwidth(args.copy_mib << 20, args.warmup, args.rep, args.device)
     rows: list[dict] = []
-    cases = [("decode_attention", b, s) for b in batch_sizes for s in decode_splits]
-    cases += [("extend_attention (tree verify)", b, s) for b in batch_sizes for s in extend_splits]
-    for name, batch, splits in cases:
+    pvs = [v == "precise" for v in args.pv.split(",") if v]
+    cases = [("decode_attention", b, s, pv) for pv in pvs for b in batch_sizes for s in decode_splits]
+    cases += [("extend_attention (tree verify)", b, s, pv) for pv in pvs for b in batch_sizes for s in extend_splits]
+    for name, batch, splits, pv in cases:
         try:
             if name == "decode_attention":
-                row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype)
+                row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype, pv)
             else:
-                row = bench_tree_verify(batch, args.prefix, args.tree_tokens, splits, args.warmup, args.rep, gen, dtype)
+                row = bench_tree_verify(
+                    batch, args.prefix, args.tree_tokens, splits, args.warmup, args.rep, gen, dtype, pv
+                )
             row["pct_of_copy"] = 100 * row["GBps"] / copy["GBps"]
             row["sdpa_pct_of_copy"] = 100 * row["sdpa_GBps"] / copy["GBps"]
             row["speedup_vs_sdpa"] = row["sdpa_time_us"] / row["time_us"]
         except Exception as e:  # one broken case must not lose the others' numbers
             traceback.print_exc()
-            row = {"kernel": name, "batch": batch, "num_kv_splits": splits, "error": f"{type(e).__name__}: {e}"}
+            row = {
+                "kernel": name, "precise_pv": pv, "batch": batch, "num_kv_splits": splits,
+                "error": f"{type(e).__name__}: {e}",
+            }  # fmt: skip
         finally:
             if args.device == "cuda":
                 torch.cuda.empty_cache()

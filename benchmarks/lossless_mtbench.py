@@ -61,40 +61,73 @@ def main() -> int:
     target = load_target(None, args.dtype, device)
     prompts = load_prompts("mtbench", args.num_prompts, target.tokenizer)
     tmp = Path(tempfile.mkdtemp())
-    drafts = {"trained": str(resolve_draft(target.target_id, None)),
-              "random": str(random_draft(target, tmp / "random"))}
+    drafts = {
+        "trained": str(resolve_draft(target.target_id, None)),
+        "random": str(random_draft(target, tmp / "random")),
+    }
     kv = args.max_tokens + max(len(p) for p in prompts) + 64
-    results = {"device": str(device), "dtype": args.dtype, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-               "command": "python benchmarks/lossless_mtbench.py --out " + args.out, "runs": []}
+    results = {
+        "device": str(device),
+        "dtype": args.dtype,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "command": "python benchmarks/lossless_mtbench.py --out " + args.out,
+        "runs": [],
+    }
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        base_cfg = dict(device=args.device, dtype=args.dtype, max_running_requests=batch,
-                        max_total_tokens=batch * kv * 2)
+        base_cfg = dict(
+            device=args.device, dtype=args.dtype, max_running_requests=batch, max_total_tokens=batch * kv * 2
+        )
         reqs, secs = run(Engine(EngineConfig(**base_cfg), target), prompts, args.max_tokens)
         plain = [list(r.output_ids) for r in reqs]
-        results["runs"].append({"batch": batch, "system": "plain", "seconds": secs,
-                                "output_tokens": sum(map(len, plain))})
+        results["runs"].append(
+            {"batch": batch, "system": "plain", "seconds": secs, "output_tokens": sum(map(len, plain))}
+        )
         for name in args.drafts.split(","):
             for shape, (steps, topk, ntok) in CONFIGS.items():
-                cfg = EngineConfig(**base_cfg, speculative=True, speculative_draft_model_path=drafts[name],
-                                   speculative_num_steps=steps, speculative_eagle_topk=topk,
-                                   speculative_num_draft_tokens=ntok, disable_speculative_adaptive=True,
-                                   speculative_max_batch_size=batch)
+                cfg = EngineConfig(
+                    **base_cfg,
+                    speculative=True,
+                    speculative_draft_model_path=drafts[name],
+                    speculative_num_steps=steps,
+                    speculative_eagle_topk=topk,
+                    speculative_num_draft_tokens=ntok,
+                    disable_speculative_adaptive=True,
+                    speculative_max_batch_size=batch,
+                )
                 reqs, secs = run(Engine(cfg, target), prompts, args.max_tokens)
                 spec = [list(r.output_ids) for r in reqs]
                 reqs_equal = [a == b for a, b in zip(spec, plain)]
                 first_diff = [
-                    {"prompt": i, "plain_len": len(b), "spec_len": len(a),
-                     "position": next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))}
-                    for i, (a, b) in enumerate(zip(spec, plain)) if a != b
+                    {
+                        "prompt": i,
+                        "plain_len": len(b),
+                        "spec_len": len(a),
+                        "position": next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))),
+                    }
+                    for i, (a, b) in enumerate(zip(spec, plain))
+                    if a != b
                 ]
-                row = {"batch": batch, "system": "speculative", "draft": name, "shape": shape,
-                       "config": f"{steps}/{topk}/{ntok}", "identical": sum(reqs_equal), "of": len(prompts),
-                       "first_differences": first_diff, "seconds": secs, "output_tokens": sum(map(len, spec))}
+                row = {
+                    "batch": batch,
+                    "system": "speculative",
+                    "draft": name,
+                    "shape": shape,
+                    "config": f"{steps}/{topk}/{ntok}",
+                    "identical": sum(reqs_equal),
+                    "of": len(prompts),
+                    "first_differences": first_diff,
+                    "seconds": secs,
+                    "output_tokens": sum(map(len, spec)),
+                }
                 verify = sum(r.spec.num_verify_steps for r in reqs)
                 row["accept_length"] = (sum(r.spec.num_accepted_tokens for r in reqs) + verify) / max(1, verify)
                 results["runs"].append(row)
-                print(f"batch {batch} {name:8s} {shape:5s}: {row['identical']}/{len(prompts)} identical, "
-                      f"accept length {row.get('accept_length', float('nan')):.2f}, {secs:.0f} s", flush=True)
+                print(
+                    f"batch {batch} {name:8s} {shape:5s}: {row['identical']}/{len(prompts)} identical, "
+                    f"accept length {row.get('accept_length', float('nan')):.2f}, {secs:.0f} s",
+                    flush=True,
+                )
                 Path(args.out).write_text(json.dumps(results, indent=1))
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

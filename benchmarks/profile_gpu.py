@@ -1,7 +1,7 @@
 """Where a decode step's time goes on the GPU: per-kernel time of the SmolLM2 batch-1 decode graph, the host's cost
 of issuing one continuous decode step, and the kernels of the Llama-3.1-8B-shape decode and 64-token tree forward.
 
-    python benchmarks/profile_gpu.py [--out profile.json] [--skip smollm2,llama8b]
+    python benchmarks/profile_gpu.py [--out profile.json] [--skip smollm2,speculative,llama8b]
 """
 
 from __future__ import annotations
@@ -104,6 +104,49 @@ def smollm2() -> dict:
     return out
 
 
+def speculative() -> dict:
+    """Chain 3/1/4 with the bundled draft at batch 1, speculating every step: wall time per verify iteration against
+    the GPU's kernel time in it (the rest is host time the GPU waits through), and the kernels' split."""
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+
+    engine = Engine(
+        EngineConfig(
+            max_running_requests=4, dtype="bfloat16", max_total_tokens=65536, speculative=True,
+            disable_speculative_adaptive=True, speculative_num_steps=3, speculative_eagle_topk=1,
+            speculative_num_draft_tokens=4,
+        )
+    )  # fmt: skip
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Explain how a hash map works, with an example in Python."}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    prompt = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    engine.generate([prompt], params)
+    engine.flush_cache()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        req = engine.generate([prompt], params)[0]
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    kernel_us = sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA")
+    steps = max(1, req.spec.num_verify_steps)
+    table = defaultdict(float)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            table[e.name[:60]] += e.device_time / steps
+    return {
+        "accept_length": req.spec.accept_length,
+        "verify_steps": steps,
+        "wall_ms_per_iteration": wall / steps * 1e3,
+        "gpu_kernel_ms_per_iteration": kernel_us / steps / 1e3,
+        "top_kernels_us_per_iteration": dict(sorted(table.items(), key=lambda kv: -kv[1])[:20]),
+    }
+
+
 def llama8b() -> dict:
     from bench_gpu import llama8b_setup  # the script's folder is on sys.path
 
@@ -123,7 +166,7 @@ def main(argv=None) -> int:
         print("profile_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
     res = {}
-    for name, fn in (("smollm2", smollm2), ("llama8b", llama8b)):
+    for name, fn in (("smollm2", smollm2), ("speculative", speculative), ("llama8b", llama8b)):
         if name in args.skip.split(","):
             continue
         try:

@@ -41,13 +41,14 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
     proc = _run(args, interpret=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    cases = [(r["kernel"], r["auto_splits"], r["num_kv_splits"]) for r in report["results"]]
+    cases = [(r["kernel"], r["precise_pv"], r["auto_splits"], r["num_kv_splits"]) for r in report["results"]]
     # auto: the wrappers' choice at B=2, 8 KV heads, 19 keys on CPU (4 nominal SMs): 1 split for both kernels.
+    # Both P.V variants by default, the precise one (the kernels' default) first.
     assert cases == [
-        ("decode_attention", True, 1),
-        ("decode_attention", False, 2),
-        ("extend_attention (tree verify)", True, 1),
-        ("extend_attention (tree verify)", False, 2),
+        (kernel, pv, auto, splits)
+        for kernel in ("decode_attention", "extend_attention (tree verify)")
+        for pv in (True, False)
+        for auto, splits in ((True, 1), (False, 2))
     ]
     for row in report["results"]:
         assert row["ok"] and row["max_abs_err"] < 1e-2 and row["sdpa_max_abs_err"] < 1e-2
