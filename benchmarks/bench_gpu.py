@@ -88,32 +88,56 @@ def _graph_step_ms(engine) -> float | None:
 
 
 def greedy_agreement(n_prompts: int, tokens: int) -> dict:
-    """GPU path (Triton + CUDA graphs) against the torch reference backend in the same dtype: identical prompts."""
+    """The GPU path (Triton attention + CUDA graphs + fused kernels) against the torch reference attention backend
+    (`--attention-backend torch --disable-cuda-graph`) and against the pure torch path (no Triton kernel at all),
+    same dtype, same prompts, greedy. In bf16 it also separates the causes: which pairs of these runs disagree."""
     from serving.config import EngineConfig
     from serving.engine import Engine
     from serving.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    out = {}
+    runs = {
+        "gpu_path": ({}, True),
+        "gpu_path_eager": ({"disable_cuda_graph": True}, True),
+        "torch_backend": ({"attention_backend": "torch", "disable_cuda_graph": True}, True),
+        "pure_torch": ({"attention_backend": "torch", "disable_cuda_graph": True}, False),
+    }
+    out = {"prompts": n_prompts, "tokens": tokens}
     prompts = None
     for dtype in ("float32", "bfloat16"):
-        common = dict(dtype=dtype, max_running_requests=8, max_total_tokens=65536)
-        ref = Engine(EngineConfig(attention_backend="torch", disable_cuda_graph=True, **common))
-        ref.runner.model.fused_kernels = False  # the whole torch path: no Triton kernel anywhere
-        prompts = prompts or _prompts(ref, n_prompts)
-        ref_out = [r.output_ids for r in ref.generate(prompts, params)]
-        del ref
-        eng = Engine(EngineConfig(**common))
-        got = [r.output_ids for r in eng.generate(prompts, params)]
-        out[dtype] = sum(a == b for a, b in zip(got, ref_out))
-        del eng
-        torch.cuda.empty_cache()
-    return {
-        "prompts": len(prompts),
-        "tokens": tokens,
-        "fp32_identical": out["float32"],
-        "bf16_identical": out["bfloat16"],
-    }
+        outputs = {}
+        for name, (flags, fused) in runs.items():
+            if dtype == "float32" and name == "gpu_path_eager":
+                continue
+            engine = Engine(EngineConfig(dtype=dtype, max_running_requests=8, max_total_tokens=65536, **flags))
+            engine.runner.model.fused_kernels = fused
+            prompts = prompts or _prompts(engine, n_prompts)
+            outputs[name] = [r.output_ids for r in engine.generate(prompts, params)]
+            del engine
+            torch.cuda.empty_cache()
+
+        key = "fp32" if dtype == "float32" else "bf16"
+        out[key] = {
+            "gpu_path_vs_torch_backend": _compare(outputs["gpu_path"], outputs["torch_backend"]),
+            "gpu_path_vs_pure_torch": _compare(outputs["gpu_path"], outputs["pure_torch"]),
+        }
+        if dtype == "bfloat16":
+            pairs = {
+                "cuda_graphs_only (gpu_path vs gpu_path_eager)": ("gpu_path", "gpu_path_eager"),
+                "attention_only (gpu_path_eager vs torch_backend)": ("gpu_path_eager", "torch_backend"),
+                "fused_kernels_only (torch_backend vs pure_torch)": ("torch_backend", "pure_torch"),
+            }
+            for label, (a, b) in pairs.items():
+                out[key][label] = _compare(outputs[a], outputs[b])
+    out["fp32_identical"] = out["fp32"]["gpu_path_vs_torch_backend"]["identical"]
+    out["bf16_identical"] = out["bf16"]["gpu_path_vs_torch_backend"]["identical"]
+    out["bf16_identical_vs_pure_torch"] = out["bf16"]["gpu_path_vs_pure_torch"]["identical"]
+    return out
+
+
+def _compare(xs: list[list[int]], ys: list[list[int]]) -> dict:
+    first = [next((i for i, (u, w) in enumerate(zip(x, y)) if u != w), None) for x, y in zip(xs, ys) if x != y]
+    return {"identical": sum(x == y for x, y in zip(xs, ys)), "first_difference_at": first}
 
 
 def llama8b_setup(prompt_len: int = 512) -> dict:
@@ -267,9 +291,12 @@ def main(argv=None) -> int:
     a = res.get("agree", {})
     if "fp32_identical" in a:
         print(
-            f"greedy vs torch reference: fp32 {a['fp32_identical']}/{a['prompts']}, "
-            f"bf16 {a['bf16_identical']}/{a['prompts']} over {a['tokens']} tokens"
+            f"greedy vs torch attention backend: fp32 {a['fp32_identical']}/{a['prompts']}, "
+            f"bf16 {a['bf16_identical']}/{a['prompts']} over {a['tokens']} tokens "
+            f"(vs pure torch: bf16 {a['bf16_identical_vs_pure_torch']}/{a['prompts']})"
         )
+        for name, c in a["bf16"].items():
+            print(f"  bf16 {name}: {c['identical']}/{a['prompts']}, first differences at {c['first_difference_at']}")
     l8 = res.get("llama8b", {})
     if "decode_step_ms" in l8:
         print(

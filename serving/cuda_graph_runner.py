@@ -1,5 +1,5 @@
-"""CUDA graphs of the decode step and of the speculative verify forward, one per batch-size bucket; replays pad
-the batch with row 0 / slot 0."""
+"""CUDA graphs of the decode step, of K greedy decode steps in a row, and of the speculative verify forward, one per
+batch-size bucket; replays pad the batch with row 0 / slot 0 (both reserved for padding)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,69 @@ class CudaGraphRunner:
         self.graphs[bs].replay()
         logits, hidden, aux = self.outputs[bs]
         return logits[:n], hidden[:n], (aux[:n] if aux is not None and fb.aux_layer_ids else None)
+
+
+class GreedyStepsGraphRunner:
+    """K greedy decode steps in one CUDA graph per batch-size bucket (captured on first use): the host copies the
+    inputs of all K steps once and reads K tokens per request back, with nothing to do in between. Padded requests
+    use row 0 and slot 0 (reserved scratch). capture=False runs the same buffers eagerly (CPU tests)."""
+
+    def __init__(self, runner, max_bs: int, steps: int, capture: bool = True):
+        self.runner = runner
+        self.buckets = batch_buckets(max_bs)
+        self.max_bs = max_bs
+        self.steps = steps
+        dev = runner.device
+        self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.pos0 = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.grid = torch.zeros(steps, max_bs, dtype=torch.int64, device=dev)  # step-major: contiguous per step
+        self.aux_layer_ids = tuple(runner.aux_layer_ids)
+        self.capture = capture
+        # Its own memory pool: these graphs are captured while others already replay, and their outputs must not
+        # share blocks with another graph's intermediates.
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.failed = False
+
+    def can_run(self, batch_size: int, steps: int, capture_aux: bool) -> bool:
+        """The graph stores aux states exactly when the engine speculates (it has aux layers)."""
+        return (
+            not self.failed and steps == self.steps and batch_size <= self.max_bs
+            and capture_aux == bool(self.aux_layer_ids)
+        )  # fmt: skip
+
+    def _fn(self, bs: int):
+        return lambda: self.runner.greedy_steps(
+            self.rows[:bs], self.pos0[:bs], self.grid[:, :bs], self.ids[:bs], self.aux_layer_ids, None
+        )
+
+    def run(self, rows, pos0, grid, input_ids) -> torch.Tensor:
+        """rows, pos0, input_ids [B]; grid [K, B] -> [B, K] tokens."""
+        n = rows.shape[0]
+        bs = self.buckets[bisect.bisect_left(self.buckets, n)]
+        if bs != n:
+            for buf in (self.rows, self.pos0, self.ids):
+                buf[n:bs].zero_()
+            self.grid[:, n:bs].zero_()
+        self.rows[:n].copy_(rows)
+        self.pos0[:n].copy_(pos0)
+        self.ids[:n].copy_(input_ids)
+        self.grid[:, :n].copy_(grid)
+        if not self.capture:
+            return self._fn(bs)()[:n]
+        if bs not in self.graphs:
+            # capture() first runs these very steps twice eagerly: their writes (KV, table, aux) repeat exactly.
+            try:
+                self.graphs[bs], self.outputs[bs] = capture(self._fn(bs), self.pool)
+            except Exception:  # keep serving: these steps eagerly, later ones as single-step graph replays
+                self.failed = True
+                logger.exception("capturing %d greedy decode steps failed; continuing with single steps", self.steps)
+                return self._fn(bs)()[:n]
+            logger.info("captured a %d-step greedy decode CUDA graph for batch size %d", self.steps, bs)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
 
 
 class VerifyGraphRunner:

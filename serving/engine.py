@@ -377,14 +377,20 @@ class Engine:
         runner = self.runner
         rows = runner._tensor([r.row for r in reqs])
         pos0 = runner._tensor([r.kv_len for r in reqs])
-        grid_dev = grid.to(self.device, non_blocking=True)
+        by_step = grid.t().contiguous().to(self.device, non_blocking=True)  # [K, B]: each step's slots contiguous
         spec = self.spec_worker
+        k = grid.shape[1]
+        if all(p.greedy for p in params) and runner.can_decode_greedy_steps(len(reqs), k, spec is not None):
+            # Every step's input is the previous argmax: all K steps in one call (one CUDA graph when captured).
+            ids = runner._tensor([r.last_token for r in reqs])
+            max_len = max(r.kv_len for r in reqs)
+            return runner.decode_greedy_steps(rows, pos0, by_step, ids, max_len, capture_aux=spec is not None)
         tokens, outs = None, []
         for k in range(grid.shape[1]):
             fb = runner.build_decode(
-                reqs, grid_dev[:, k], input_ids=tokens, offset=k, rows=rows, positions=pos0 + k if k else pos0,
+                reqs, by_step[k], input_ids=tokens, offset=k, rows=rows, positions=pos0 + k if k else pos0,
                 capture_aux=spec is not None,
-            )
+            )  # fmt: skip
             logits, _, aux = runner.decode(fb)
             if spec is not None:
                 spec.store_aux(fb.out_cache_loc, aux)

@@ -41,6 +41,8 @@ class ModelRunner:
         self.verify_num_tokens: int | None = None  # set by the speculative worker: tree nodes per verify
         self.verify_max_bs = 0
         self.verify_graph = None
+        self.aux_pool: torch.Tensor | None = None  # set by the speculative worker: aux states by KV slot
+        self.steps_graph = None
         logger.info("KV pool: %d slots (%s), context %d", num_slots - 1, self.dtype, self.context_length)
 
     def _kv_slots(self, mc) -> int:
@@ -150,12 +152,57 @@ class ModelRunner:
         hidden, aux = self.forward(fb)
         return self.model.compute_logits(hidden), hidden, aux
 
+    @torch.inference_mode()
+    def decode_greedy_steps(
+        self, rows: torch.Tensor, pos0: torch.Tensor, grid: torch.Tensor, input_ids: torch.Tensor, max_len: int,
+        capture_aux: bool = False,
+    ) -> torch.Tensor:
+        """K greedy decode steps back to back, all on the device: rows, pos0 (kv_len), input_ids [B], grid [K, B]
+        KV slots (step-major) -> [B, K] tokens. Each step's argmax is the next step's input; with capture_aux the
+        target's aux states go to aux_pool by slot. One CUDA graph for all K steps when captured (no host work
+        between steps); max_len (the longest kv_len) is for backends that need host metadata."""
+        if self.steps_graph is not None:
+            return self.steps_graph.run(rows, pos0, grid, input_ids)
+        return self.greedy_steps(rows, pos0, grid, input_ids, self.aux_layer_ids if capture_aux else (), max_len)
+
+    def can_decode_greedy_steps(self, batch_size: int, steps: int, capture_aux: bool) -> bool:
+        """Whether decode_greedy_steps fits: always without decode graphs (the same eager forwards a step loop
+        would run), with graphs when the K-step graph matches (else single-step graph replays are cheaper)."""
+        if self.steps_graph is not None:
+            return self.steps_graph.can_run(batch_size, steps, capture_aux)
+        return self.graph_runner is None
+
+    def greedy_steps(self, rows, pos0, grid, ids, aux_layer_ids, max_len: int | None) -> torch.Tensor:
+        """The body of decode_greedy_steps on tensors only (graph-capturable when max_len is None)."""
+        outs = []
+        for k in range(grid.shape[0]):
+            pos = pos0 + k
+            loc = grid[k]
+            self.req_to_token.table[rows, pos] = loc.to(torch.int32)
+            fb = ForwardBatch(
+                mode=ForwardMode.DECODE, input_ids=ids, positions=pos, out_cache_loc=loc, req_pool_indices=rows,
+                seq_lens=pos + 1, max_seq_len=0 if max_len is None else max_len + k + 1,
+                aux_layer_ids=aux_layer_ids, attn_backend=self.backend,
+            )  # fmt: skip
+            if max_len is not None:
+                self.backend.init_forward_metadata(fb)
+            hidden, aux = self.model(fb)
+            if aux is not None and self.aux_pool is not None:
+                self.aux_pool[loc] = aux
+            ids = self.model.compute_logits(hidden).argmax(-1)
+            outs.append(ids)
+        return torch.stack(outs, dim=1)
+
     def init_cuda_graphs(self) -> None:
         if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
             return
-        from serving.cuda_graph_runner import CudaGraphRunner, VerifyGraphRunner
+        from serving.cuda_graph_runner import CudaGraphRunner, GreedyStepsGraphRunner, VerifyGraphRunner
 
-        self.graph_runner = CudaGraphRunner(self, min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests))
+        max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests)
+        self.graph_runner = CudaGraphRunner(self, max_bs)
+        steps = self.cfg.num_continuous_decode_steps or 8
+        if steps > 1:
+            self.steps_graph = GreedyStepsGraphRunner(self, max_bs, steps)
         if self.verify_num_tokens and self.backend.graph_capturable:
             max_bs = min(self.cfg.cuda_graph_max_bs, self.cfg.max_running_requests, self.verify_max_bs)
             self.verify_graph = VerifyGraphRunner(self, self.verify_num_tokens, max_bs)

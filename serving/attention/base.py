@@ -20,11 +20,17 @@ class AttentionBackend:
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         pass
 
-    def forward(self, q, k, v, layer_id: int, fb: ForwardBatch) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]; k/v are stored at fb.out_cache_loc first."""
+    def forward(self, q, k, v, layer_id: int, fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]; k/v are stored at fb.out_cache_loc first, unless the caller
+        already did (kv_stored: the fused RoPE kernel writes them)."""
+        if not kv_stored:
+            self.store_kv(k, v, layer_id, fb)
         if fb.mode.is_decode:
             return self.forward_decode(q, k, v, layer_id, fb)
         return self.forward_extend(q, k, v, layer_id, fb)
+
+    def store_kv(self, k, v, layer_id: int, fb: ForwardBatch) -> None:
+        raise NotImplementedError
 
     def forward_decode(self, q, k, v, layer_id, fb):
         raise NotImplementedError

@@ -43,12 +43,11 @@ class TorchAttentionBackend(AttentionBackend):
                 masks.append(mask)  # [E, prefix+E]
             md["masks"] = masks
 
-    def _store(self, k, v, layer_id, fb):
+    def store_kv(self, k, v, layer_id, fb):
         self.k_cache[layer_id, fb.out_cache_loc] = k
         self.v_cache[layer_id, fb.out_cache_loc] = v
 
     def forward_decode(self, q, k, v, layer_id, fb):
-        self._store(k, v, layer_id, fb)
         md = fb.attn_metadata
         keys = self.k_cache[layer_id, md["slots"]]  # [B, L, Hkv, D]
         vals = self.v_cache[layer_id, md["slots"]]
@@ -62,7 +61,6 @@ class TorchAttentionBackend(AttentionBackend):
         return out.squeeze(2)
 
     def forward_extend(self, q, k, v, layer_id, fb):
-        self._store(k, v, layer_id, fb)
         md = fb.attn_metadata
         out = torch.empty_like(q)
         start = 0

@@ -12,11 +12,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     graph_capturable = True
 
-    def _store(self, k, v, layer_id, fb):
+    def store_kv(self, k, v, layer_id, fb):
         store_kv(self.k_cache[layer_id], self.v_cache[layer_id], fb.out_cache_loc, k, v)
 
     def forward_decode(self, q, k, v, layer_id, fb):
-        self._store(k, v, layer_id, fb)
         return decode_attention(
             q,
             self.k_cache[layer_id],
@@ -28,7 +27,6 @@ class TritonAttentionBackend(AttentionBackend):
         )
 
     def forward_extend(self, q, k, v, layer_id, fb):
-        self._store(k, v, layer_id, fb)
         return extend_attention(
             q,
             k,

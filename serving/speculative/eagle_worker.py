@@ -83,6 +83,7 @@ class EagleWorker:
         self.aux_pool = torch.zeros(
             runner.kv.num_slots, len(runner.aux_layer_ids) * mc.hidden_size, dtype=runner.dtype, device=self.device
         )
+        runner.aux_pool = self.aux_pool  # multi-step greedy decoding stores into it inside its graph
         self.draft_backend = create_backend(
             "torch" if self.device.type == "cpu" else cfg.attention_backend,
             self.draft_kv.k,

@@ -122,9 +122,15 @@ def main() -> int:
     )
     ok &= compile_variant(
         rope._apply_rope_kernel,
-        dict(q_ptr=bf, k_ptr=bf, positions_ptr="*i64", cos_sin_ptr="*fp32"),
-        dict(NUM_Q_HEADS=32, NUM_K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_HALF=64),
-    )
+        dict(
+            q_ptr=bf, k_ptr=bf, positions_ptr="*i64", cos_sin_ptr="*fp32", v_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf,
+            loc_ptr="*i64",
+        ),
+        dict(
+            NUM_Q_HEADS=32, NUM_K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_HALF=64, HEAD_DIM=128, BLOCK_D=128,
+            STORE_KV=True,
+        ),
+    )  # fmt: skip
     ok &= compile_variant(activation._silu_and_mul_kernel, dict(x_ptr=bf, out_ptr=bf), dict(INTER=14336, BLOCK=1024))
     tree_ptrs = dict(
         candidates_ptr="*i64", retrive_index_ptr="*i64", retrive_next_token_ptr="*i64",

@@ -87,6 +87,40 @@ def test_apply_rope_matches_reference(dtype, num_tokens, num_q_heads, num_kv_hea
     assert torch.equal(qkv[:, num_q_heads + num_kv_heads :].cpu(), v_before.cpu())  # v untouched
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "num_tokens,num_q_heads,num_kv_heads,head_dim,rotary_dim", [(7, 9, 3, 64, 64), (5, 8, 2, 128, 64)]
+)
+def test_apply_rope_stores_rotated_k_and_v_in_the_cache(
+    dtype, num_tokens, num_q_heads, num_kv_heads, head_dim, rotary_dim
+):
+    """The fused store: k_buffer[loc] holds the rotated k (partial rotary: tail as is), v_buffer[loc] v, and no
+    other slot changes; q and k are rotated as without the store."""
+    gen = _gen(num_tokens + 100)
+    cos_sin = _cos_sin(300, rotary_dim)
+    positions = torch.randint(0, 300, (num_tokens,), generator=gen).to(DEVICE)
+    qkv = torch.randn(num_tokens, num_q_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k = qkv[:, :num_q_heads], qkv[:, num_q_heads : num_q_heads + num_kv_heads]
+    v = qkv[:, num_q_heads + num_kv_heads :]
+    want_q, want_k = apply_rope_ref(q, k, positions, cos_sin)
+    k_buffer = torch.randn(40, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v_buffer = torch.randn(40, num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    k_before, v_before = k_buffer.clone(), v_buffer.clone()
+    loc = torch.randperm(40, generator=gen)[:num_tokens].to(DEVICE)
+    apply_rope(q, k, positions, cos_sin, v=v, k_buffer=k_buffer, v_buffer=v_buffer, loc=loc)
+    torch.testing.assert_close(q.cpu(), want_q.cpu(), **TOL[dtype])
+    torch.testing.assert_close(k.cpu(), want_k.cpu(), **TOL[dtype])
+    assert torch.equal(k_buffer[loc].cpu(), k.cpu()) and torch.equal(v_buffer[loc].cpu(), v.cpu())
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[loc.cpu()] = False
+    assert torch.equal(k_buffer.cpu()[untouched], k_before.cpu()[untouched])
+    assert torch.equal(v_buffer.cpu()[untouched], v_before.cpu()[untouched])
+    with pytest.raises(ValueError, match="all of v, k_buffer, v_buffer and loc"):
+        apply_rope(q, k, positions, cos_sin, k_buffer=k_buffer, v_buffer=v_buffer, loc=loc)
+    with pytest.raises(ValueError, match="loc"):
+        apply_rope(q, k, positions, cos_sin, v=v, k_buffer=k_buffer, v_buffer=v_buffer, loc=loc[:1])
+
+
 def test_apply_rope_matches_specbundle_formula_and_partial_rotary():
     """Full rotary equals the rotate-half formula (x1 cos - x2 sin, x2 cos + x1 sin); partial leaves the tail."""
     gen = _gen(3)

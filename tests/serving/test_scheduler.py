@@ -129,3 +129,27 @@ def test_unstreamed_request_hears_once_with_the_whole_text():
         assert events[False][1][0].finish_reason == "stop"
         assert stop_text not in events[False][1][0].text_delta
         assert events[False][0][0].text_delta == plain[0].text
+
+
+def test_greedy_steps_on_fixed_buffers_with_a_padded_bucket():
+    """The K greedy steps that one CUDA graph captures, run eagerly on their fixed buffers (Triton kernels in the
+    interpreter): 3 requests in a bucket of 4 (a padded request on row 0 / slot 0), same tokens as one step at a
+    time, and the padding never touches a real request's KV or table row."""
+    from serving.cuda_graph_runner import GreedyStepsGraphRunner
+
+    _, target = tiny_target(layers=1)  # the interpreter runs every attention program: keep it small
+    prompts = _prompts(3, seed=12)
+    params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
+    want = Engine(EngineConfig(max_total_tokens=4096, num_continuous_decode_steps=1), target).generate(prompts, params)
+    engine = Engine(
+        EngineConfig(max_total_tokens=4096, attention_backend="triton", num_continuous_decode_steps=4), target
+    )
+    runner = engine.runner
+    runner.steps_graph = GreedyStepsGraphRunner(runner, max_bs=8, steps=4, capture=False)
+    calls = []
+    run = runner.steps_graph.run
+    runner.steps_graph.run = lambda rows, *a: calls.append(rows.shape[0]) or run(rows, *a)
+    got = engine.generate(prompts, params)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert calls == [3, 3]  # the 2-token tail (11 = 1 + 2 * 4 + 2) ran as single steps
+    assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity

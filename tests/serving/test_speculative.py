@@ -484,6 +484,11 @@ def test_speculation_resumes_after_plain_stretches_with_the_stored_aux_states(tm
             last_writer[slot] = who
 
     worker.store_aux = lambda loc, aux: mark(loc, "plain") or store_aux(loc, aux)
+    # Runs of greedy plain steps store their aux inside one call (one CUDA graph on the GPU).
+    greedy_steps = engine.runner.decode_greedy_steps
+    engine.runner.decode_greedy_steps = lambda rows, pos0, grid, *a, **kw: mark(grid, "plain") or greedy_steps(
+        rows, pos0, grid, *a, **kw
+    )
     worker.decode_step = lambda reqs, slots: mark(slots, "spec") or decode_step(reqs, slots)
     worker.after_prefill = lambda fb, batch, new_slots, *a: [mark(s, "prefill") for s in new_slots] and \
         after_prefill(fb, batch, new_slots, *a)
