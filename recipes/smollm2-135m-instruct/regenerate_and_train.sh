@@ -21,7 +21,9 @@ URLS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
 for ((g = 0; g < NUM_GPUS; g++)); do
     port=$((31000 + g))
-    CUDA_VISIBLE_DEVICES=$g python3 -m serving.cli --port "$port" --max-running-requests 256 --log-level warning &
+    # Batches up to 256 decode in CUDA graphs; big prefill chunks keep prefill steps few between decode runs.
+    CUDA_VISIBLE_DEVICES=$g python3 -m serving.cli --port "$port" --max-running-requests 256 --cuda-graph-max-bs 256 \
+        --chunked-prefill-size 8192 --log-level warning &
     PIDS+=($!)
     URLS+=(--server-url "http://127.0.0.1:$port")
 done
@@ -33,7 +35,7 @@ for ((g = 0; g < NUM_GPUS; g++)); do
     done
 done
 timeout "${REGEN_SECONDS:-0}" python3 -m specforge.cli regenerate --input "$DATA" --output "$REGEN" "${URLS[@]}" \
-    --concurrency 128 --max-tokens "${MAX_TOKENS:-512}" --max-turns "${MAX_TURNS:-1}" \
+    --concurrency 256 --max-tokens "${MAX_TOKENS:-512}" --max-turns "${MAX_TURNS:-1}" \
     --limit "${NUM_CONVERSATIONS:-6000}" || [ $? = 124 ]
 kill "${PIDS[@]}"
 wait "${PIDS[@]}" 2>/dev/null || true

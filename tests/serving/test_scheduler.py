@@ -1,5 +1,6 @@
 """Continuous batching under KV pressure: preemption and chunked prefill never change greedy output."""
 
+import pytest
 import torch
 
 from serving.config import EngineConfig
@@ -153,3 +154,19 @@ def test_greedy_steps_on_fixed_buffers_with_a_padded_bucket():
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert calls == [3, 3]  # the 2-token tail (11 = 1 + 2 * 4 + 2) ran as single steps
     assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+
+
+@pytest.mark.gpu
+def test_greedy_steps_cuda_graph_matches_single_steps():
+    """On the GPU: runs of 8 greedy steps replayed from one CUDA graph (3 requests in a bucket of 4) give the tokens
+    of single-step graph replays."""
+    _, target = tiny_target()
+    prompts = _prompts(3, seed=13)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    outs = {}
+    for k in (1, 8):
+        engine = Engine(EngineConfig(max_total_tokens=4096, num_continuous_decode_steps=k), target)
+        outs[k] = [r.output_ids for r in engine.generate(prompts, params)]
+        if k == 8:
+            assert engine.runner.steps_graph.graphs and not engine.runner.steps_graph.failed
+    assert outs[8] == outs[1]
