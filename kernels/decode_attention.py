@@ -1,9 +1,8 @@
-"""Paged decode attention over SGLang's KV-cache layout, split along the KV length (flash-decoding), in one launch.
+"""Paged decode attention over SGLang's KV-cache layout, split along the KV length (flash-decoding).
 
-One program per (request, KV head, KV split) processes the whole group of query heads that share the KV head, so
-each K/V block is read once per KV head, and writes a partial output and its log-sum-exp. The split that finishes
-last for its (request, KV head) merges the partials (an atomic arrival counter per pair, reset by that program), so
-there is no second merge kernel: at batch 1 the launch count matters as much as the bytes.
+Stage 1: one program per (request, KV head, KV split) processes the whole group of query heads that share the KV
+head, so each K/V block is read once per KV head, and writes a partial output and its log-sum-exp.
+Stage 2: one program per (request, query head) merges the splits.
 
 The split count fixes the grid, so it is chosen on the host from python ints only (batch, heads, a length bound
 and the SM count): `choose_num_kv_splits`. Within a request the splits divide its actual length, so a short request
@@ -96,7 +95,7 @@ def _decode_attention_block(
 
 
 @triton.jit
-def _decode_attention_kernel(
+def _decode_attention_stage1_kernel(
     q_ptr,
     k_buffer_ptr,
     v_buffer_ptr,
@@ -105,8 +104,6 @@ def _decode_attention_kernel(
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
-    out_ptr,
-    counter_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -120,15 +117,12 @@ def _decode_attention_kernel(
     stride_pos,
     stride_lb,
     stride_lh,
-    stride_ob,
-    stride_oh,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
 ):
@@ -189,61 +183,51 @@ def _decode_attention_kernel(
             slots = next_slots
 
     has_keys = l_i > 0.0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    mask_hd = mask_h[:, None] & mask_d[None, :]
-    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_hd)
-    else:
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(
-            partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
-            out,
-            mask=mask_hd,
-        )
-        tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
-        # acq_rel: this split's partial stores are visible before its arrival is counted, and the last arriving
-        # program sees every other split's.
-        counter = counter_ptr + b * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            _merge_splits(
-                partial_out_ptr, partial_lse_ptr, out_ptrs, b, heads, mask_h, mask_hd, offs_d, stride_pob, stride_poh,
-                stride_pos, stride_lb, stride_lh, NUM_SPLITS, BLOCK_S,
-            )  # fmt: skip
-            tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA-graph replays included)
+    tl.store(
+        partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
+        out,
+        mask=mask_h[:, None] & mask_d[None, :],
+    )
+    tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 @triton.jit
-def _merge_splits(
-    partial_out_ptr, partial_lse_ptr, out_ptrs, b, heads, mask_h, mask_hd, offs_d, stride_pob, stride_poh, stride_pos,
-    stride_lb, stride_lh, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """out[heads] = sum_s 2^lse_s out_s / sum_s 2^lse_s over the splits (empty splits have lse -inf and weigh 0).
-    Loads bypass L1 (.cg): the partials were written by other SMs."""
+def _decode_attention_stage2_kernel(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < NUM_SPLITS
-    lse = tl.load(
-        partial_lse_ptr + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
-        mask=mask_h[:, None] & mask_s[None, :],
-        other=float("-inf"),
-        cache_modifier=".cg",
-    )  # [BLOCK_H, BLOCK_S]
-    m = tl.maximum(tl.max(lse, 1), -1.0e30)
-    w = tl.exp2(lse - m[:, None])
-    denom = tl.sum(w, 1)
-    merged = tl.zeros(out_ptrs.shape, dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        part = tl.load(
-            partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + s * stride_pos + offs_d[None, :],
-            mask=mask_hd,
-            other=0.0,
-            cache_modifier=".cg",
-        )  # [BLOCK_H, BLOCK_D]
-        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
-        merged += w_s[:, None] * part
-    merged = merged / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=mask_hd)
+    mask_d = offs_d < HEAD_DIM
+
+    lse = tl.load(partial_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.maximum(tl.max(lse, 0), -1.0e30)
+    w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
+    partial = tl.load(
+        partial_out_ptr + b * stride_pob + head * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    denom = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * partial, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 def decode_attention(
@@ -268,9 +252,7 @@ def decode_attention(
     host) also caps an explicit split count at one block per split.
     precise_pv (bf16/fp16): the probabilities enter the P.V product as two half-precision parts (see
     `kernels._attention_common.dot_split_p`), so the result matches fp32 attention to about 16 bits instead of 8.
-    Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph. Launches on one
-    device share the split counters, so they must not run concurrently on different streams (the engine runs
-    every forward on one stream).
+    Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     batch, num_q_heads, head_dim = q.shape
@@ -314,17 +296,12 @@ def decode_attention(
     block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
     block_d = next_pow2(head_dim)
 
-    if num_kv_splits > 1:
-        # fp32 scratch: [B, Hq, splits, D] partial outputs and [B, Hq, splits] log2-sum-exp.
-        partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
-        counters = _arrival_counters(q.device, batch * num_kv_heads)
-    else:
-        partial_out = partial_lse = q.new_empty((1, 1, 1), dtype=torch.float32)  # never touched
-        counters = partial_out
+    # fp32 scratch: [B, Hq, splits, D] partial outputs and [B, Hq, splits] log2-sum-exp.
+    partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
 
     gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": NUM_STAGES_GPU}
-    _decode_attention_kernel[(batch, num_kv_heads, num_kv_splits)](
+    _decode_attention_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,
         v_buffer,
@@ -333,8 +310,6 @@ def decode_attention(
         seq_lens,
         partial_out,
         partial_lse,
-        out,
-        counters,
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -345,42 +320,37 @@ def decode_attention(
         req_to_token.stride(0),
         partial_out.stride(0),
         partial_out.stride(1),
-        partial_out.stride(2) if num_kv_splits > 1 else 0,
+        partial_out.stride(2),
         partial_lse.stride(0),
         partial_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
         GROUP=group,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         NUM_SPLITS=num_kv_splits,
-        BLOCK_S=next_pow2(num_kv_splits),
         INTERPRET=interpret,
         PRECISE_PV=precise_pv and q.dtype != torch.float32,
         **gpu_opts,
     )
+    _decode_attention_stage2_kernel[(batch, num_q_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2),
+        partial_lse.stride(0),
+        partial_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_S=next_pow2(num_kv_splits),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        **({} if interpret else {"num_warps": 4}),
+    )
     return out
-
-
-# Per device: one int32 arrival counter per (request, KV head), zero between launches (the merging program resets
-# its own). Allocated once, outside any CUDA-graph capture, large enough for every batch the engine captures.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-MIN_COUNTERS = 1 << 16
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"decode_attention needs {n} split counters on {device}, more than were allocated before this CUDA "
-                "graph capture; run one launch of this batch size eagerly first"
-            )
-        buf = torch.zeros(max(n, MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 def decode_attention_ref(

@@ -28,7 +28,7 @@ def no_gc():
             gc.enable()
 
 
-def capture(fn, pool):
+def capture_graph(fn, pool):
     """(graph, fn's outputs): fn run twice on a side stream (Triton compiles, allocations settle), then captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -86,7 +86,7 @@ class CudaGraphRunner:
 
     def _capture(self, bs: int) -> None:
         fb = self._batch(bs)
-        self.graphs[bs], self.outputs[bs] = capture(lambda: self._run(fb), self.pool)
+        self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run(fb), self.pool)
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return fb.batch_size <= self.max_bs and tuple(fb.aux_layer_ids) in ((), tuple(self.aux_layer_ids))
@@ -111,9 +111,10 @@ class CudaGraphRunner:
 
 
 class GreedyStepsGraphRunner:
-    """K greedy decode steps in one CUDA graph per batch-size bucket (captured on first use): the host copies the
-    inputs of all K steps once and reads K tokens per request back, with nothing to do in between. Padded requests
-    use row 0 and slot 0 (reserved scratch). capture=False runs the same buffers eagerly (CPU tests)."""
+    """K greedy decode steps in one CUDA graph per batch-size bucket, captured at start-up like the single-step
+    graphs (a capture inside a timed run or a request's latency would cost far more than it saves): the host copies
+    the inputs of all K steps once and reads K tokens per request back, with nothing to do in between. Padded
+    requests use row 0 and slot 0 (reserved scratch). capture=False runs the same buffers eagerly (CPU tests)."""
 
     def __init__(self, runner, max_bs: int, steps: int, capture: bool = True):
         self.runner = runner
@@ -127,12 +128,21 @@ class GreedyStepsGraphRunner:
         self.grid = torch.zeros(steps, max_bs, dtype=torch.int64, device=dev)  # step-major: contiguous per step
         self.aux_layer_ids = tuple(runner.aux_layer_ids)
         self.capture = capture
-        # Its own memory pool: these graphs are captured while others already replay, and their outputs must not
-        # share blocks with another graph's intermediates.
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.failed = False
+        if capture:
+            # Its own pool: the outputs stay valid while the single-step graphs replay.
+            self.pool = torch.cuda.graph_pool_handle()
+            try:
+                with torch.inference_mode():
+                    for bs in reversed(self.buckets):
+                        self.graphs[bs], self.outputs[bs] = capture_graph(self._fn(bs), self.pool)
+            except Exception:  # keep serving with single-step graphs
+                self.failed = True
+                logger.exception("capturing %d greedy decode steps failed; decoding one step per graph", steps)
+            else:
+                logger.info("captured %d-step greedy decode CUDA graphs for batch sizes %s", steps, self.buckets)
 
     def can_run(self, batch_size: int, steps: int, capture_aux: bool) -> bool:
         """The graph stores aux states exactly when the engine speculates (it has aux layers)."""
@@ -160,15 +170,6 @@ class GreedyStepsGraphRunner:
         self.grid[:, :n].copy_(grid)
         if not self.capture:
             return self._fn(bs)()[:n]
-        if bs not in self.graphs:
-            # capture() first runs these very steps twice eagerly: their writes (KV, table, aux) repeat exactly.
-            try:
-                self.graphs[bs], self.outputs[bs] = capture(self._fn(bs), self.pool)
-            except Exception:  # keep serving: these steps eagerly, later ones as single-step graph replays
-                self.failed = True
-                logger.exception("capturing %d greedy decode steps failed; continuing with single steps", self.steps)
-                return self._fn(bs)()[:n]
-            logger.info("captured a %d-step greedy decode CUDA graph for batch size %d", self.steps, bs)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 
@@ -232,7 +233,7 @@ class VerifyGraphRunner:
 
     def _capture(self, bs: int) -> None:
         fb = self._batch(bs)
-        self.graphs[bs], self.outputs[bs] = capture(lambda: self._run(fb), self.pool)
+        self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run(fb), self.pool)
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs

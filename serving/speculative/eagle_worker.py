@@ -456,9 +456,9 @@ class _DraftTreeGraphs:
         )
 
     def _capture(self, key: tuple[int, int]) -> None:
-        from serving.cuda_graph_runner import capture
+        from serving.cuda_graph_runner import capture_graph
 
-        self.graphs[key], self.outputs[key] = capture(self._fn(*key), self.pool)
+        self.graphs[key], self.outputs[key] = capture_graph(self._fn(*key), self.pool)
         logger.info("captured a draft-tree CUDA graph for batch %d, prefix width %d", *key)
 
     def run(self, topk_p, topk_index, hidden, seq_lens, rows, max_len: int):

@@ -67,20 +67,24 @@ def main() -> int:
         return 2
     ok = True
     bf = "*bf16"
-    for head_dim, bf, precise, splits in ((64, "*bf16", True, 8), (128, "*bf16", True, 8), (128, "*bf16", False, 1),
-                                          (128, "*fp32", False, 8), (128, "*fp16", True, 1)):
+    for head_dim, bf, precise in ((64, "*bf16", True), (128, "*bf16", True), (128, "*bf16", False),
+                                  (128, "*fp32", False), (128, "*fp16", True)):
         ok &= compile_variant(
-            decode_attention._decode_attention_kernel,
+            decode_attention._decode_attention_stage1_kernel,
             dict(
                 q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
-                seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf,
-                counter_ptr="*i32", qk_scale="fp32",
+                seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32",
             ),
-            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=splits,
-                 BLOCK_S=splits, INTERPRET=False, PRECISE_PV=precise),
+            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False,
+                 PRECISE_PV=precise),
             num_warps=decode_attention.NUM_WARPS_GPU,
             num_stages=decode_attention.NUM_STAGES_GPU,
         )  # fmt: skip
+    ok &= compile_variant(
+        decode_attention._decode_attention_stage2_kernel,
+        dict(partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf),
+        dict(NUM_SPLITS=8, BLOCK_S=8, HEAD_DIM=128, BLOCK_D=128),
+    )
     ea = extend_attention
     variants = [
         (4, 32, True, "*bf16", ea.PREFIX_SPLIT, True),
