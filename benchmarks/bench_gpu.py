@@ -73,18 +73,7 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
 
 def _graph_step_ms(engine) -> float | None:
     gr = engine.runner.graph_runner
-    if gr is None:
-        return None
-    g = gr.graphs[1]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(5):
-        g.replay()
-    start.record()
-    for _ in range(50):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 50
+    return None if gr is None else time_ms(gr.graphs[1].replay, reps=50, warmup=5)
 
 
 def greedy_agreement(n_prompts: int, tokens: int) -> dict:
@@ -201,8 +190,9 @@ def llama8b_setup(prompt_len: int = 512) -> dict:
     }
 
 
-def _time_ms(fn, reps=20):
-    for _ in range(3):
+def time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Milliseconds per call of fn (CUDA events around reps back-to-back calls, after warmup calls)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -218,9 +208,9 @@ def llama8b_step_costs(copy_bw: float, prompt_len: int = 512) -> dict:
     """Decode step at batch 1 against one read of the weights, and a 64-token tree forward against one decode step
     (random weights in Llama-3.1-8B's shape, bf16)."""
     s = llama8b_setup(prompt_len)
-    decode_ms = _time_ms(s["decode"], 50)
-    eager_ms = _time_ms(s["tree_eager"])
-    tree_ms = _time_ms(s["tree_graph"])
+    decode_ms = time_ms(s["decode"], 50)
+    eager_ms = time_ms(s["tree_eager"])
+    tree_ms = time_ms(s["tree_graph"])
     floor_ms = s["weight_bytes"] / copy_bw * 1e3
     return {
         "weight_bytes": s["weight_bytes"],

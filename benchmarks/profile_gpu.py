@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 
 import torch
+from bench_gpu import llama8b_setup, time_ms  # the script's folder is on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -41,18 +42,6 @@ def kernel_table(fn, reps: int = 10, top: int = 25) -> dict:
     }
 
 
-def _events_ms(fn, reps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def smollm2() -> dict:
     from serving.config import EngineConfig
     from serving.engine import Engine
@@ -64,7 +53,7 @@ def smollm2() -> dict:
     gr = engine.runner.graph_runner
     graph = gr.graphs[1]
     out = {"graph_replay": kernel_table(graph.replay, reps=20)}
-    out["graph_replay_ms"] = _events_ms(graph.replay, 50)
+    out["graph_replay_ms"] = time_ms(graph.replay, reps=50, warmup=1)
 
     # Host cost of one continuous step (build inputs + replay + sample), issued back to back without syncs.
     req = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
@@ -148,8 +137,6 @@ def speculative() -> dict:
 
 
 def llama8b() -> dict:
-    from bench_gpu import llama8b_setup  # the script's folder is on sys.path
-
     s = llama8b_setup()
     out = {"decode_graph": kernel_table(s["decode"], reps=5, top=15)}
     out["tree64_eager"] = kernel_table(s["tree_eager"], reps=5, top=15)
