@@ -151,9 +151,12 @@ class EagleWorker:
             return False
         if not self.adaptive:
             return True
-        rates = self._rates.get(_bucket(batch_size))
+        bucket = _bucket(batch_size)
+        rates = self._rates.get(bucket)
         if rates is None or rates["spec"] is None:
-            return True
+            # Nothing measured at this size yet. Speculation pays less as the batch grows, so where it lost at a
+            # smaller batch, start (and stay) plain here; trying it would cost a draft catch-up and graph captures.
+            return not any(r["winner"] is False for b, r in self._rates.items() if b < bucket)
         if rates["plain"] is None:
             return False
         probe = rates["steps"] >= rates["next_probe"]

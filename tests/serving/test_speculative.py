@@ -367,6 +367,16 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     worker.record(False, 2, tokens=2, seconds=1.0)
     assert worker.should_speculate(2)  # batch-size buckets are measured separately
     assert not worker.should_speculate(1000)  # above --speculative-max-batch-size
+    fresh = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
+    worker = fresh.spec_worker
+    worker.record(True, 4, tokens=2, seconds=1.0)
+    worker.record(False, 4, tokens=8, seconds=1.0)  # speculation lost at batch 4
+    assert not worker.should_speculate(16) and not worker.should_speculate(8)  # larger, unmeasured: start plain
+    worker.record(False, 16, tokens=30, seconds=1.0)
+    assert not worker.should_speculate(16)  # ... and stay plain while the smaller batch says so
+    assert worker.should_speculate(2)  # smaller batches are still tried
+    worker.record(True, 4, tokens=200, seconds=1.0)  # speculation now wins at batch 4
+    assert worker.should_speculate(16)
     forced = Engine(
         EngineConfig(
             max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True, **CHAIN
