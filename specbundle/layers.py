@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -13,6 +14,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+# CPU BLAS dispatch, measured on the 2-core development machine (AMD EPYC, fp32, SmolLM2-135M): a linear over 1..64
+# rows runs faster as (W @ x^T)^T than as x @ W^T, and a single row faster still when sent as two identical rows.
+# The whole decode forward: 45 ms against 52.5 ms; a 4-token verify forward: 46 ms against 93 ms.
+SMALL_M_CPU = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); in CPU inference on x [M, in] with M <= SMALL_M_CPU through the faster BLAS call
+    (same math, another summation order). Training and other devices take F.linear."""
+    m = x.shape[0]
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 2 or not 0 < m <= SMALL_M_CPU:
+        return F.linear(x, weight, bias)
+    rows = x.repeat(2, 1) if m == 1 else x
+    y = (weight @ rows.t())[:, :m].t()
+    if bias is not None:
+        y = y + bias
+    return y.contiguous()
 
 
 class RMSNorm(nn.Module):

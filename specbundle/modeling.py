@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specbundle.config import DraftConfig
-from specbundle.layers import RMSNorm, RotaryEmbedding
+from specbundle.layers import RMSNorm, RotaryEmbedding, linear
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -35,12 +35,12 @@ class DraftAttention(nn.Module):
 
     def forward(self, x, positions, rotary: RotaryEmbedding, attn_fn: AttnFn, attn_ctx):
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q = linear(x, self.q_proj.weight).view(n, self.num_heads, self.head_dim)
+        k = linear(x, self.k_proj.weight).view(n, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v_proj.weight).view(n, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         out = attn_fn(q, k, v, attn_ctx)  # [N, Hq, D]
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return linear(out.reshape(n, self.num_heads * self.head_dim), self.o_proj.weight)
 
 
 class DraftMLP(nn.Module):
@@ -51,7 +51,8 @@ class DraftMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(x, self.gate_proj.weight), linear(x, self.up_proj.weight)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class DraftDecoderLayer(nn.Module):
@@ -101,7 +102,7 @@ class Eagle3DraftModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed hidden for logits [N, H], pre-norm hidden fed to the next draft step [N, H])."""
         if hidden_states.shape[-1] != self.config.hidden_size:
-            hidden_states = self.fc(hidden_states)
+            hidden_states = linear(hidden_states, self.fc.weight, self.fc.bias)
         layer = self.midlayer
         residual = hidden_states
         x = torch.cat([layer.input_layernorm(input_embeds), layer.hidden_norm(hidden_states)], dim=-1)
@@ -114,10 +115,10 @@ class Eagle3DraftModel(nn.Module):
     def compute_logits(self, normed: torch.Tensor, target_lm_head: torch.Tensor | None = None) -> torch.Tensor:
         """[N, H] -> [N, draft_vocab] (or the full vocabulary through the target's head)."""
         if self.lm_head is not None:
-            return self.lm_head(normed)
+            return linear(normed, self.lm_head.weight)
         if target_lm_head is None:
             raise ValueError("this draft has no lm_head; pass the target's lm_head weight")
-        return F.linear(normed, target_lm_head)
+        return linear(normed, target_lm_head)
 
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

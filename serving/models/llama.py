@@ -14,7 +14,7 @@ from torch import nn
 import kernels
 from serving.forward_batch import ForwardBatch
 from specbundle.config import _rope_scaling, _rope_theta
-from specbundle.layers import RMSNorm, RotaryEmbedding
+from specbundle.layers import RMSNorm, RotaryEmbedding, linear
 
 
 @dataclass
@@ -73,7 +73,8 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, fb: ForwardBatch, rotary, backend, fused: bool = False):
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]: strided views into the qkv output
         k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -89,7 +90,7 @@ class Attention(nn.Module):
         else:
             q, k = rotary(positions, q, k)
             out = backend.forward(q, k, v, self.layer_id, fb)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return linear(out.reshape(n, self.q_size), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -101,8 +102,8 @@ class MLP(nn.Module):
     def forward(self, x, fused: bool = False):
         if fused:
             return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -177,7 +178,7 @@ class LlamaForCausalLM(nn.Module):
         return torch.cat([aux[i] for i in fb.aux_layer_ids], dim=-1)  # [N, 3*H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load transformers-named weights, fusing q/k/v and gate/up; errors name the missing key."""
