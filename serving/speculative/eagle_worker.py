@@ -34,12 +34,14 @@ logger = logging.getLogger(__name__)
 # Tuned defaults when neither flags nor bundle metadata say otherwise: (num_steps, topk, num_draft_tokens).
 DEFAULT_CPU = (3, 1, 4)
 DEFAULT_GPU = (5, 4, 16)
-# Adaptive mode: now and then one iteration runs the currently slower mode, to notice when it becomes faster. The
-# gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while they confirm the choice, so a mode that keeps
-# losing costs almost nothing; a change of the faster mode resets it.
+# Adaptive mode: each mode is first measured for PROBE_LEN iterations (one iteration is a noisy sample: a verify
+# step commits 1 token or several). Then now and then PROBE_LEN iterations run the currently slower mode, to notice
+# when it becomes faster. The gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while they confirm the
+# choice, so a mode that keeps losing costs almost nothing; a change of the faster mode resets it.
+PROBE_LEN = 8
 PROBE_EVERY = 16
 PROBE_MAX = 1024
-RATE_EMA = 0.2
+RATE_EMA = 0.1
 
 
 def _bucket(batch_size: int) -> int:
@@ -153,36 +155,48 @@ class EagleWorker:
             return True
         bucket = _bucket(batch_size)
         rates = self._rates.get(bucket)
-        if rates is None or rates["spec"] is None:
+        if rates is None or rates["n_spec"] == 0:
             # Nothing measured at this size yet. Speculation pays less as the batch grows, so where it lost at a
             # smaller batch, start (and stay) plain here; trying it would cost a draft catch-up and graph captures.
             return not any(r["winner"] is False for b, r in self._rates.items() if b < bucket)
-        if rates["plain"] is None:
+        if rates["n_spec"] < PROBE_LEN:
+            return True
+        if rates["n_plain"] < PROBE_LEN:
             return False
-        probe = rates["steps"] >= rates["next_probe"]
+        probe = rates["next_probe"] <= rates["steps"] < rates["next_probe"] + PROBE_LEN
         return rates["winner"] != probe
 
     def record(self, speculative: bool, batch_size: int, tokens: int, seconds: float) -> None:
-        """Tokens committed per second by one decode iteration, smoothed per batch-size bucket."""
+        """Tokens committed per second by each mode, per batch-size bucket: smoothed tokens over smoothed seconds
+        per iteration (a ratio of averages: single verify steps commit 1 token or several)."""
         if seconds <= 0:
             return
         rates = self._rates.setdefault(
             _bucket(batch_size),
-            {"spec": None, "plain": None, "steps": 0, "winner": None, "interval": PROBE_EVERY, "next_probe": 0},
-        )
+            {
+                "spec": None, "plain": None, "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None,
+                "interval": PROBE_EVERY, "next_probe": 0, "tok_spec": 0.0, "sec_spec": 0.0, "tok_plain": 0.0,
+                "sec_plain": 0.0,
+            },
+        )  # fmt: skip
         key = "spec" if speculative else "plain"
-        rate = tokens / seconds
-        rates[key] = rate if rates[key] is None else (1 - RATE_EMA) * rates[key] + RATE_EMA * rate
+        first = rates["n_" + key] == 0
+        for name, value in (("tok_", tokens), ("sec_", seconds)):
+            old = rates[name + key]
+            rates[name + key] = value if first else (1 - RATE_EMA) * old + RATE_EMA * value
+        rates[key] = rates["tok_" + key] / rates["sec_" + key]
+        rates["n_" + key] += 1
         rates["steps"] += 1
-        if rates["spec"] is None or rates["plain"] is None:
+        if rates["n_spec"] < PROBE_LEN or rates["n_plain"] < PROBE_LEN:
             return
         winner = rates["spec"] >= rates["plain"]
         if rates["winner"] is None or winner != rates["winner"]:
             rates["interval"] = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
-            rates["next_probe"] = rates["steps"] + PROBE_EVERY - 1
-        elif speculative != winner:  # this iteration was a probe, and the other mode still wins
+            rates["next_probe"] = rates["steps"] + PROBE_EVERY
+        elif speculative != winner and rates["steps"] >= rates["next_probe"] + PROBE_LEN:
+            # A whole probe ran the other mode, and it still loses: probe half as often.
             rates["interval"] = min(2 * rates["interval"], PROBE_MAX)
-            rates["next_probe"] = rates["steps"] + rates["interval"] - 1
+            rates["next_probe"] = rates["steps"] + rates["interval"]
         rates["winner"] = winner
 
     def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:

@@ -300,7 +300,12 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
 
     hf, target = tiny_target(vocab=8, layers=6)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
-    engine = Engine(EngineConfig(max_total_tokens=4096, speculative_draft_model_path=str(draft), **TREE), target)
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=4096, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True, **TREE
+        ),
+        target,
+    )  # every step speculates: the figures below must come from verify steps
     with RunningServer(engine) as server:
         r = httpx.post(
             server.url + "/v1/completions",
@@ -334,43 +339,45 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
 
 
 def test_adaptive_policy_follows_the_measured_rates(tmp_path):
-    from serving.speculative.eagle_worker import PROBE_EVERY, PROBE_MAX
+    from serving.speculative.eagle_worker import PROBE_EVERY, PROBE_LEN, PROBE_MAX
 
     hf, target = tiny_target(vocab=8, layers=4)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
     engine = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
     worker = engine.spec_worker
-    assert worker.should_speculate(1)  # nothing measured: speculate first
-    worker.record(True, 1, tokens=2, seconds=1.0)
-    assert not worker.should_speculate(1)  # then measure plain decoding once
-    worker.record(False, 1, tokens=4, seconds=1.0)  # plain is faster at batch 1
-    choices = []
-    for _ in range(2 * PROBE_EVERY):
-        choices.append(worker.should_speculate(1))
-        worker.record(choices[-1], 1, tokens=2 if choices[-1] else 4, seconds=1.0)
-    assert 1 <= sum(choices) <= 3  # mostly plain, with the occasional probe
-    for _ in range(4000):
-        choices.append(worker.should_speculate(1))
-        worker.record(choices[-1], 1, tokens=2 if choices[-1] else 4, seconds=1.0)
-    probes = [i for i, c in enumerate(choices) if c]
-    assert 6 <= len(probes) <= 10  # the gap doubles while speculation keeps losing: 16, 32, ... 1024
-    assert probes[-1] - probes[-2] == PROBE_MAX
+
+    def run(n, spec_tokens, plain_tokens=4, batch=1):
+        out = []
+        for _ in range(n):
+            out.append(worker.should_speculate(batch))
+            worker.record(out[-1], batch, tokens=spec_tokens if out[-1] else plain_tokens, seconds=1.0)
+        return out
+
+    # Nothing measured: PROBE_LEN iterations of speculation, then PROBE_LEN of plain decoding (plain is faster).
+    assert run(2 * PROBE_LEN, spec_tokens=2) == [True] * PROBE_LEN + [False] * PROBE_LEN
+    choices = run(2 * PROBE_EVERY, spec_tokens=2)
+    assert sum(choices) == PROBE_LEN  # mostly plain, with one probe of PROBE_LEN speculative iterations
+    choices += run(4000, spec_tokens=2)
+    starts = [i for i, c in enumerate(choices) if c and (i == 0 or not choices[i - 1])]
+    assert all(choices[i : i + PROBE_LEN] == [True] * PROBE_LEN for i in starts)  # each probe is PROBE_LEN long
+    assert 6 <= len(starts) <= 10  # the gap doubles while speculation keeps losing: 16, 32, ... 1024
+    assert starts[-1] - starts[-2] == PROBE_MAX + PROBE_LEN
     for _ in range(3):  # speculation becomes the faster mode (seen by a probe): follow it, and probe plain often
         worker.record(True, 1, tokens=40, seconds=1.0)
     assert worker.should_speculate(1)
-    later = []
-    for _ in range(2 * PROBE_EVERY):
-        later.append(worker.should_speculate(1))
-        worker.record(later[-1], 1, tokens=40 if later[-1] else 4, seconds=1.0)
-    assert 1 <= later.count(False) <= 2
-    worker.record(True, 2, tokens=9, seconds=1.0)
-    worker.record(False, 2, tokens=2, seconds=1.0)
+    later = run(2 * PROBE_EVERY, spec_tokens=40)
+    assert later.count(False) == PROBE_LEN
+    # A single lucky or unlucky iteration does not flip the choice: the rates are smoothed over several.
+    assert run(1, spec_tokens=0) == [True] and worker.should_speculate(1)
+    run(PROBE_LEN, spec_tokens=9, plain_tokens=2, batch=2)
+    run(PROBE_LEN, spec_tokens=9, plain_tokens=2, batch=2)
     assert worker.should_speculate(2)  # batch-size buckets are measured separately
     assert not worker.should_speculate(1000)  # above --speculative-max-batch-size
     fresh = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
     worker = fresh.spec_worker
-    worker.record(True, 4, tokens=2, seconds=1.0)
-    worker.record(False, 4, tokens=8, seconds=1.0)  # speculation lost at batch 4
+    for _ in range(PROBE_LEN):
+        worker.record(True, 4, tokens=2, seconds=1.0)
+        worker.record(False, 4, tokens=8, seconds=1.0)  # speculation lost at batch 4
     assert not worker.should_speculate(16) and not worker.should_speculate(8)  # larger, unmeasured: start plain
     worker.record(False, 16, tokens=30, seconds=1.0)
     assert not worker.should_speculate(16)  # ... and stay plain while the smaller batch says so
