@@ -174,7 +174,7 @@ class EagleWorker:
         rates = self._rates.setdefault(
             _bucket(batch_size),
             {
-                "spec": None, "plain": None, "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None,
+                "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None,
                 "interval": PROBE_EVERY, "next_probe": 0, "tok_spec": 0.0, "sec_spec": 0.0, "tok_plain": 0.0,
                 "sec_plain": 0.0,
             },
@@ -184,12 +184,12 @@ class EagleWorker:
         for name, value in (("tok_", tokens), ("sec_", seconds)):
             old = rates[name + key]
             rates[name + key] = value if first else (1 - RATE_EMA) * old + RATE_EMA * value
-        rates[key] = rates["tok_" + key] / rates["sec_" + key]
         rates["n_" + key] += 1
         rates["steps"] += 1
         if rates["n_spec"] < PROBE_LEN or rates["n_plain"] < PROBE_LEN:
             return
-        winner = rates["spec"] >= rates["plain"]
+        # tokens per second of each mode, as ratios of the smoothed sums (cross-multiplied: no division)
+        winner = rates["tok_spec"] * rates["sec_plain"] >= rates["tok_plain"] * rates["sec_spec"]
         if rates["winner"] is None or winner != rates["winner"]:
             rates["interval"] = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
             rates["next_probe"] = rates["steps"] + PROBE_EVERY
