@@ -59,7 +59,9 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
     graph_ms = _graph_step_ms(engine)
     engine.cfg.num_continuous_decode_steps = 1
     single, single_s = timed()
-    return {
+    engine.cfg.num_continuous_decode_steps = 16
+    long_runs, long_s = timed()
+    out = {
         "prompts": len(prompts),
         "output_tokens": tokens,
         "seconds": elapsed,
@@ -67,8 +69,22 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
         "continuous_decode_steps": 8,
         "tokens_per_s_one_step_per_round": sum(len(r.output_ids) for r in single) / single_s,
         "same_output_one_step_per_round": [r.output_ids for r in single] == [r.output_ids for r in reqs],
+        "tokens_per_s_16_steps_per_round": sum(len(r.output_ids) for r in long_runs) / long_s,
         "graph_replay_ms_bs1": graph_ms,
+        "fused_gemv": engine.runner.model.fused_gemv,
     }
+    del engine
+    torch.cuda.empty_cache()
+    # The same with every linear through cuBLAS (the few-row fused kernels off).
+    engine = Engine(
+        EngineConfig(max_running_requests=1, dtype="bfloat16", max_total_tokens=65536, num_continuous_decode_steps=8,
+                     disable_fused_gemv=True)
+    )  # fmt: skip
+    engine.generate(prompts[:2], SamplingParams(max_tokens=32, temperature=0))
+    cublas, cublas_s = timed()
+    out["tokens_per_s_cublas_linears"] = sum(len(r.output_ids) for r in cublas) / cublas_s
+    out["graph_replay_ms_bs1_cublas_linears"] = _graph_step_ms(engine)
+    return out
 
 
 def _graph_step_ms(engine) -> float | None:
@@ -90,16 +106,20 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
         "gpu_path_eager": ({"disable_cuda_graph": True}, True),
         "torch_backend": ({"attention_backend": "torch", "disable_cuda_graph": True}, True),
         "pure_torch": ({"attention_backend": "torch", "disable_cuda_graph": True}, False),
+        # pure torch again with attention in fp64: differs from pure_torch only far below bf16 precision
+        "pure_torch_fp64_attention": ({"attention_backend": "torch", "disable_cuda_graph": True}, False),
     }
     out = {"prompts": n_prompts, "tokens": tokens}
     prompts = None
     for dtype in ("float32", "bfloat16"):
         outputs = {}
         for name, (flags, fused) in runs.items():
-            if dtype == "float32" and name == "gpu_path_eager":
+            if dtype == "float32" and name in ("gpu_path_eager", "pure_torch_fp64_attention"):
                 continue
             engine = Engine(EngineConfig(dtype=dtype, max_running_requests=8, max_total_tokens=65536, **flags))
             engine.runner.model.fused_kernels = fused
+            if name == "pure_torch_fp64_attention":
+                engine.runner.backend.compute_dtype = torch.float64
             prompts = prompts or _prompts(engine, n_prompts)
             outputs[name] = [r.output_ids for r in engine.generate(prompts, params)]
             del engine
@@ -115,7 +135,9 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
                 "cuda_graphs_only (gpu_path vs gpu_path_eager)": ("gpu_path", "gpu_path_eager"),
                 "attention_only (gpu_path_eager vs torch_backend)": ("gpu_path_eager", "torch_backend"),
                 "fused_kernels_only (torch_backend vs pure_torch)": ("torch_backend", "pure_torch"),
-            }
+                "rounding_noise_floor (pure_torch vs pure_torch_fp64_attention)": (
+                    "pure_torch", "pure_torch_fp64_attention"),
+            }  # fmt: skip
             for label, (a, b) in pairs.items():
                 out[key][label] = _compare(outputs[a], outputs[b])
     out["fp32_identical"] = out["fp32"]["gpu_path_vs_torch_backend"]["identical"]
@@ -278,6 +300,12 @@ def main(argv=None) -> int:
             f"{d['tokens_per_s_one_step_per_round']:.1f} tok/s with one step per round, "
             f"graph step {d['graph_replay_ms_bs1']:.3f} ms"
         )
+        if "tokens_per_s_cublas_linears" in d:
+            print(
+                f"  16 steps per round: {d['tokens_per_s_16_steps_per_round']:.1f} tok/s; cuBLAS linears (few-row "
+                f"kernels off): {d['tokens_per_s_cublas_linears']:.1f} tok/s, graph step "
+                f"{d['graph_replay_ms_bs1_cublas_linears']:.3f} ms"
+            )
     a = res.get("agree", {})
     if "fp32_identical" in a:
         print(

@@ -32,6 +32,10 @@ class EngineConfig:
     chunked_prefill_size: int = field(default=2048, metadata={"help": "most prompt tokens prefilled per step"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn prefix caching off"})
     disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode eagerly on CUDA"})
+    disable_fused_gemv: bool = field(
+        default=False,
+        metadata={"help": "run the linears of few-token forwards through cuBLAS instead of the fused few-row kernels"},
+    )
     cuda_graph_max_bs: int = field(default=64, metadata={"help": "largest decode batch captured in a CUDA graph"})
     num_continuous_decode_steps: int | None = field(
         default=None,

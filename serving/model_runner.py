@@ -24,6 +24,8 @@ class ModelRunner:
         self.model = target.model
         self.model.fused_kernels = device.type == "cuda"
         mc = self.model.config
+        # Up to this width a decode step's linears are small enough that launches, not weight reads, bound them.
+        self.model.fused_gemv = self.model.fused_kernels and not cfg.disable_fused_gemv and mc.hidden_size <= 2048
         self.model_config = mc
         self.dtype = self.model.embed_tokens.weight.dtype
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -8,22 +8,26 @@ from serving.attention.base import AttentionBackend
 from serving.forward_batch import ForwardBatch
 
 
-def grouped_attention(q, k, v, mask, scale):
-    """q [B, Hq, Q, D], k/v [B, Hkv, K, D], mask [B, Q, K] bool -> [B, Hq, Q, D].
+def grouped_attention(q, k, v, mask, scale, compute_dtype=torch.float32):
+    """q [B, Hq, Q, D], k/v [B, Hkv, K, D], mask [B, Q, K] bool -> [B, Hq, Q, D], computed in compute_dtype.
 
     Query heads sharing a KV head are stacked into the query dimension: one matmul per KV head, no K/V copies
     (much faster on CPU than SDPA's GQA path with a boolean mask)."""
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    qg = q.reshape(b, hkv, g * nq, d).float()
-    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale  # [B, Hkv, G*Q, K]
+    qg = q.reshape(b, hkv, g * nq, d).to(compute_dtype)
+    scores = torch.matmul(qg, k.to(compute_dtype).transpose(-1, -2)) * scale  # [B, Hkv, G*Q, K]
     scores = scores.view(b, hkv, g, nq, -1).masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(b, hkv, g * nq, -1)
-    return torch.matmul(probs, v.float()).view(b, hq, nq, d).to(q.dtype)
+    return torch.matmul(probs, v.to(compute_dtype)).view(b, hq, nq, d).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
+    # fp32; float64 gives a second reference that differs from the first only far below bf16 precision, which
+    # measures how far rounding noise alone moves greedy outputs (benchmarks/bench_gpu.py).
+    compute_dtype = torch.float32
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         md = fb.attn_metadata
         max_len = fb.max_seq_len
@@ -57,6 +61,7 @@ class TorchAttentionBackend(AttentionBackend):
             vals.transpose(1, 2),
             md["valid"][:, None, :],
             self.scale,
+            self.compute_dtype,
         )
         return out.squeeze(2)
 
@@ -72,8 +77,9 @@ class TorchAttentionBackend(AttentionBackend):
             vals = self.v_cache[layer_id, idx].transpose(0, 1)
             qb = q[start : start + ext].transpose(0, 1)  # [Hq, E, D]
             o = grouped_attention(
-                qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), md["masks"][b][None], self.scale
-            )
+                qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), md["masks"][b][None], self.scale,
+                self.compute_dtype,
+            )  # fmt: skip
             out[start : start + ext] = o[0].transpose(0, 1)
             start += ext
         return out

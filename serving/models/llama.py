@@ -72,8 +72,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, positions, fb: ForwardBatch, rotary, backend, fused: bool = False):
-        n = x.shape[0]
         qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        out = self.attend(qkv, positions, fb, rotary, backend, fused)
+        return linear(out, self.o_proj.weight)
+
+    def attend(self, qkv, positions, fb: ForwardBatch, rotary, backend, fused: bool = False):
+        """qkv [N, q_size + 2 * kv_size] -> attention output [N, q_size] (before o_proj)."""
+        n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]: strided views into the qkv output
         k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
@@ -90,7 +95,7 @@ class Attention(nn.Module):
         else:
             q, k = rotary(positions, q, k)
             out = backend.forward(q, k, v, self.layer_id, fb)
-        return linear(out.reshape(n, self.q_size), self.o_proj.weight)
+        return out.reshape(n, self.q_size)
 
 
 class MLP(nn.Module):
@@ -129,10 +134,16 @@ class LlamaForCausalLM(nn.Module):
         # Triton kernels for the norms, RoPE (+ KV store) and SiLU-and-mul (set on CUDA by the model runner): about 9
         # launches per layer instead of about 40 with the torch ops, with the same rounding.
         self.fused_kernels = False
+        # With fused_kernels, forwards of at most kernels.gemv.MAX_ROWS tokens run each linear as one fused
+        # few-row kernel (norm prologue, SiLU-and-mul or residual epilogue): 5 launches per layer. The model runner
+        # sets it for models whose layers are small enough that launches, not weight reads, bound a decode step.
+        self.fused_gemv = False
 
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (final normed hidden [N, H], aux hidden [N, 3*H] or None)."""
         h = self.embed_tokens(fb.input_ids)  # [N, H]
+        if self.fused_kernels and self.fused_gemv and h.shape[0] <= kernels.GEMV_MAX_ROWS:
+            return self._forward_few_rows(fb, h)
         if self.fused_kernels:
             return self._forward_fused(fb, h)
         positions = fb.positions
@@ -170,6 +181,28 @@ class LlamaForCausalLM(nn.Module):
                 aux[i] = residual + h  # output of layer i
         hidden, _ = kernels.fused_add_rms_norm(h, residual, self.norm.weight, eps)
         return hidden, self._aux(aux, fb)
+
+    def _forward_few_rows(self, fb: ForwardBatch, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same layer math for a few tokens: the residual stream is updated in place by the linears' epilogues
+        and every norm runs inside the linear that reads it."""
+        positions, eps = fb.positions, self.config.rms_norm_eps
+        aux = {}
+        capture = set(fb.aux_layer_ids)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = kernels.fused_linear(
+                residual, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=layer.input_layernorm.weight, eps=eps
+            )
+            out = attn.attend(qkv, positions, fb, self.rotary, fb.attn_backend, fused=True)
+            kernels.fused_linear(out, attn.o_proj.weight, residual=residual)
+            act = kernels.fused_linear(
+                residual, layer.mlp.gate_up_proj.weight, norm_weight=layer.post_attention_layernorm.weight, eps=eps,
+                silu_mul=True,
+            )  # fmt: skip
+            kernels.fused_linear(act, layer.mlp.down_proj.weight, residual=residual)
+            if i in capture:
+                aux[i] = residual.clone()  # output of layer i; the stream is updated in place afterwards
+        return kernels.rms_norm(residual, self.norm.weight, eps), self._aux(aux, fb)
 
     @staticmethod
     def _aux(aux: dict, fb: ForwardBatch) -> torch.Tensor | None:

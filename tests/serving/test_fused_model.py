@@ -27,11 +27,12 @@ def test_kernel_references_round_like_the_torch_ops(dtype):
     assert torch.equal(silu_and_mul_ref(gate_up), F.silu(gate) * up)
 
 
-def _forward_hidden(engine, ids, fused):
+def _forward_hidden(engine, ids, fused, few_rows=False):
     """One prefill of `ids` (slots 1..n, row 0), returning (final hidden, aux) of the target."""
     runner = engine.runner
     model = runner.model
     model.fused_kernels = fused
+    model.fused_gemv = few_rows
     try:
         req = Req(rid="x", prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
         req.row = 0
@@ -40,7 +41,7 @@ def _forward_hidden(engine, ids, fused):
         fb.aux_layer_ids = (0, 1, 2)
         return runner.forward(fb)
     finally:
-        model.fused_kernels = False
+        model.fused_kernels = model.fused_gemv = False
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -60,6 +61,26 @@ def test_fused_forward_matches_torch_forward(arch, dtype):
     assert aux_fused.shape == (len(ids), 3 * target.model.config.hidden_size)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_few_row_forward_matches_torch_forward(arch, dtype):
+    """<= GEMV_MAX_ROWS tokens: fused few-row linears (norm prologue, SiLU / residual epilogues, stream in place)."""
+    _, target = tiny_target(arch=arch, layers=3)
+    if dtype == "float16":
+        target.model.to(torch.float16)
+        target.model.rotary.cos_sin = target.model.rotary.cos_sin.float()
+    engine = Engine(EngineConfig(device=DEVICE, max_total_tokens=1024, disable_cuda_graph=True), target)
+    ids = [5, 17, 99, 3, 42]
+    h_torch, aux_torch = _forward_hidden(engine, ids, fused=False)
+    h_few, aux_few = _forward_hidden(engine, ids, fused=True, few_rows=True)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=4e-3, rtol=4e-3)
+    torch.testing.assert_close(h_few.float(), h_torch.float(), **tol)
+    torch.testing.assert_close(aux_few.float(), aux_torch.float(), **tol)
+    # The captured layer outputs are copies: later layers' in-place residual updates must not reach them.
+    h = target.model.config.hidden_size
+    assert not torch.equal(aux_few[:, :h], aux_few[:, h : 2 * h])
+
+
 def test_fused_greedy_generation_matches_torch_generation():
     _, target = tiny_target(arch="llama", layers=3)
     with torch.no_grad():  # clear argmax margins: greedy equality then tests the math, not rounding-level ties
@@ -67,14 +88,17 @@ def test_fused_greedy_generation_matches_torch_generation():
     engine = Engine(EngineConfig(device=DEVICE, max_total_tokens=1024, disable_cuda_graph=True), target)
     model = engine.runner.model
     assert model.fused_kernels is (DEVICE == "cuda")  # the default: fused on CUDA, torch ops on CPU
-    model.fused_kernels = False
+    assert model.fused_gemv is (DEVICE == "cuda")  # a small model: few-row linears too
+    model.fused_kernels = model.fused_gemv = False
     prompts = [[5, 17, 99, 3, 42, 8], [7, 7, 1]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     want = [r.output_ids for r in engine.generate(prompts, params)]
     engine.flush_cache()
-    model.fused_kernels = True
-    try:
-        got = [r.output_ids for r in engine.generate(prompts, params)]
-    finally:
-        model.fused_kernels = False
-    assert got == want
+    for few_rows in (False, True):  # decode steps of 2 tokens take the few-row linears when enabled
+        engine.flush_cache()
+        model.fused_kernels, model.fused_gemv = True, few_rows
+        try:
+            got = [r.output_ids for r in engine.generate(prompts, params)]
+        finally:
+            model.fused_kernels = model.fused_gemv = False
+        assert got == want, f"few_rows={few_rows}"
