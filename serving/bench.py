@@ -342,17 +342,21 @@ def cmd_offline(args) -> dict:
         "device": _device_name(plain0),
         "rows": rows,
     }
-    warm = prompts[: min(4, len(prompts))]
     acceptance = None
     for batch in batches:
+        # A full batch of warm-up requests compiles and captures what this batch size needs, for both systems,
+        # outside the timed run; the prefix cache is emptied so that the timed run prefills every prompt.
+        warm = prompts[: min(max(4, batch), len(prompts))]
         plain = _engine(args, False, batch, target)
         run_offline(plain, warm, 16, progress=False)
+        plain.flush_cache()
         base = run_offline(plain, prompts, args.max_tokens, progress=not args.quiet)
         rows.append({"system": "plain", "batch": batch, **base, "speedup": 1.0})
         del plain
         if args.speculative or args.speculative_draft_model_path:
             spec = _engine(args, True, batch, target)
             run_offline(spec, warm, 16, progress=False)
+            spec.flush_cache()
             spec.metrics = EngineMetrics(spec.model_name)  # acceptance figures without the warm-up
             res = run_offline(spec, prompts, args.max_tokens, progress=not args.quiet)
             res["speedup"] = res["output_tokens_per_s"] / base["output_tokens_per_s"]

@@ -34,14 +34,19 @@ logger = logging.getLogger(__name__)
 # Tuned defaults when neither flags nor bundle metadata say otherwise: (num_steps, topk, num_draft_tokens).
 DEFAULT_CPU = (3, 1, 4)
 DEFAULT_GPU = (5, 4, 16)
-# Adaptive mode: each mode is first measured for PROBE_LEN iterations (one iteration is a noisy sample: a verify
-# step commits 1 token or several). Then now and then PROBE_LEN iterations run the currently slower mode, to notice
-# when it becomes faster. The gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while they confirm the
-# choice, so a mode that keeps losing costs almost nothing; a change of the faster mode resets it.
+# Adaptive mode: each mode is first measured for PROBE_LEN iterations, plain decoding first (one iteration is a
+# noisy sample: a verify step commits 1 token or several). Then now and then PROBE_LEN iterations run the currently
+# slower mode, to notice when it becomes faster. The gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while
+# they confirm the choice, so a mode that keeps losing costs little; a change of the faster mode resets it.
 PROBE_LEN = 8
 PROBE_EVERY = 16
 PROBE_MAX = 1024
 RATE_EMA = 0.1
+# A speculative window (the first measurement or a probe) ends early when, after its first iteration (which also
+# pays the draft's catch-up on tokens committed meanwhile), CUT_AFTER more commit tokens at under CUT_RATIO of plain
+# decoding's rate: a clear loss needs no full window, which matters where speculation is several times slower.
+CUT_AFTER = 2
+CUT_RATIO = 0.5
 
 
 def _bucket(batch_size: int) -> int:
@@ -155,14 +160,14 @@ class EagleWorker:
             return True
         bucket = _bucket(batch_size)
         rates = self._rates.get(bucket)
-        if rates is None or rates["n_spec"] == 0:
-            # Nothing measured at this size yet. Speculation pays less as the batch grows, so where it lost at a
-            # smaller batch, start (and stay) plain here; trying it would cost a draft catch-up and graph captures.
-            return not any(r["winner"] is False for b, r in self._rates.items() if b < bucket)
-        if rates["n_spec"] < PROBE_LEN:
-            return True
-        if rates["n_plain"] < PROBE_LEN:
+        if rates is None or rates["n_plain"] < PROBE_LEN:
+            return False  # plain decoding is measured first: it is the safe choice
+        if rates["n_spec"] == 0 and any(r["winner"] is False for b, r in self._rates.items() if b < bucket):
+            # Speculation pays less as the batch grows, so where it lost at a smaller batch, stay plain here; trying
+            # it would cost a draft catch-up and graph captures.
             return False
+        if not rates["spec_measured"]:
+            return True
         probe = rates["next_probe"] <= rates["steps"] < rates["next_probe"] + PROBE_LEN
         return rates["winner"] != probe
 
@@ -174,9 +179,9 @@ class EagleWorker:
         rates = self._rates.setdefault(
             _bucket(batch_size),
             {
-                "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None,
+                "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None, "spec_measured": False,
                 "interval": PROBE_EVERY, "next_probe": 0, "tok_spec": 0.0, "sec_spec": 0.0, "tok_plain": 0.0,
-                "sec_plain": 0.0,
+                "sec_plain": 0.0, "last_spec": False, "win_n": 0, "win_tok": 0.0, "win_sec": 0.0,
             },
         )  # fmt: skip
         key = "spec" if speculative else "plain"
@@ -186,15 +191,32 @@ class EagleWorker:
             rates[name + key] = value if first else (1 - RATE_EMA) * old + RATE_EMA * value
         rates["n_" + key] += 1
         rates["steps"] += 1
-        if rates["n_spec"] < PROBE_LEN or rates["n_plain"] < PROBE_LEN:
+        cut = False
+        if speculative:
+            if not rates["last_spec"]:  # a speculative window starts; its first iteration is not judged
+                rates["win_n"], rates["win_tok"], rates["win_sec"] = 0, 0.0, 0.0
+            else:
+                rates["win_tok"] += tokens
+                rates["win_sec"] += seconds
+            rates["win_n"] += 1
+            cut = (
+                rates["win_n"] > CUT_AFTER
+                and rates["n_plain"] > 0
+                and rates["win_tok"] * rates["sec_plain"] < CUT_RATIO * rates["tok_plain"] * rates["win_sec"]
+            )
+        rates["last_spec"] = speculative
+        if not rates["spec_measured"]:
+            rates["spec_measured"] = rates["n_spec"] >= PROBE_LEN or cut
+        if not rates["spec_measured"] or rates["n_plain"] < PROBE_LEN:
             return
         # tokens per second of each mode, as ratios of the smoothed sums (cross-multiplied: no division)
         winner = rates["tok_spec"] * rates["sec_plain"] >= rates["tok_plain"] * rates["sec_spec"]
         if rates["winner"] is None or winner != rates["winner"]:
             rates["interval"] = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
             rates["next_probe"] = rates["steps"] + PROBE_EVERY
-        elif speculative != winner and rates["steps"] >= rates["next_probe"] + PROBE_LEN:
-            # A whole probe ran the other mode, and it still loses: probe half as often.
+        elif speculative != winner and (cut or rates["steps"] >= rates["next_probe"] + PROBE_LEN):
+            # A probe ran the other mode (whole, or cut short by a clear loss), and it still loses: probe half as
+            # often.
             rates["interval"] = min(2 * rates["interval"], PROBE_MAX)
             rates["next_probe"] = rates["steps"] + rates["interval"]
         rates["winner"] = winner

@@ -339,7 +339,7 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
 
 
 def test_adaptive_policy_follows_the_measured_rates(tmp_path):
-    from serving.speculative.eagle_worker import PROBE_EVERY, PROBE_LEN, PROBE_MAX
+    from serving.speculative.eagle_worker import CUT_AFTER, PROBE_EVERY, PROBE_LEN, PROBE_MAX
 
     hf, target = tiny_target(vocab=8, layers=4)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
@@ -353,8 +353,10 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
             worker.record(out[-1], batch, tokens=spec_tokens if out[-1] else plain_tokens, seconds=1.0)
         return out
 
-    # Nothing measured: PROBE_LEN iterations of speculation, then PROBE_LEN of plain decoding (plain is faster).
-    assert run(2 * PROBE_LEN, spec_tokens=2) == [True] * PROBE_LEN + [False] * PROBE_LEN
+    # Nothing measured: PROBE_LEN iterations of plain decoding, then PROBE_LEN of speculation (at half plain's rate:
+    # slower, but not clearly enough to cut the window short).
+    assert run(2 * PROBE_LEN, spec_tokens=2) == [False] * PROBE_LEN + [True] * PROBE_LEN
+    assert not worker.should_speculate(1)  # plain is faster
     choices = run(2 * PROBE_EVERY, spec_tokens=2)
     assert sum(choices) == PROBE_LEN  # mostly plain, with one probe of PROBE_LEN speculative iterations
     choices += run(4000, spec_tokens=2)
@@ -379,11 +381,22 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
         worker.record(True, 4, tokens=2, seconds=1.0)
         worker.record(False, 4, tokens=8, seconds=1.0)  # speculation lost at batch 4
     assert not worker.should_speculate(16) and not worker.should_speculate(8)  # larger, unmeasured: start plain
-    worker.record(False, 16, tokens=30, seconds=1.0)
+    for _ in range(PROBE_LEN):
+        worker.record(False, 16, tokens=30, seconds=1.0)
     assert not worker.should_speculate(16)  # ... and stay plain while the smaller batch says so
-    assert worker.should_speculate(2)  # smaller batches are still tried
+    run(PROBE_LEN, spec_tokens=9, batch=2)
+    assert worker.should_speculate(2)  # smaller batches are still tried once plain is measured there
     worker.record(True, 4, tokens=200, seconds=1.0)  # speculation now wins at batch 4
     assert worker.should_speculate(16)
+    # A clear loss (here a quarter of plain's rate) ends a speculative window after its first iteration and
+    # CUT_AFTER more, both the first measurement and every probe.
+    clear = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
+    worker = clear.spec_worker
+    choices = run(PROBE_LEN + 2 * PROBE_EVERY, spec_tokens=1)
+    window = [True] * (1 + CUT_AFTER)
+    assert choices[: PROBE_LEN + len(window) + 1] == [False] * PROBE_LEN + window + [False]
+    starts = [i for i, c in enumerate(choices) if c and not choices[i - 1]]
+    assert len(starts) >= 2 and all(choices[i : i + len(window) + 1] == window + [False] for i in starts)
     forced = Engine(
         EngineConfig(
             max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True, **CHAIN
