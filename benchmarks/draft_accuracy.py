@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     if args.split_at:
         parts.update({f"before_{args.split_at}": (0, args.split_at), f"from_{args.split_at}": (args.split_at, None)})
     k = args.ttt_length
+    unrolls = [Eagle3TrainModule(draft, k).eval() for draft in drafts]
     sums = {(d, part): torch.zeros(2, k) for d in range(len(drafts)) for part in parts}
     with torch.no_grad():
         for prompt, answer in pairs:
@@ -99,9 +100,9 @@ def main(argv=None) -> int:
                 loss_mask[0, start : None if hi is None else len(prompt) - 1 + hi] = 1
                 if loss_mask.sum() == 0:
                     continue
-                for d, draft in enumerate(drafts):
+                for d, (draft, unroll) in enumerate(zip(drafts, unrolls)):
                     tg = prepare_targets(out.logits, draft.t2d, loss_mask, mask, k)
-                    _, correct, counted = Eagle3TrainModule(draft, k).eval()(
+                    _, correct, counted = unroll(
                         embeds, out.aux_hidden, tg.target_p, tg.position_mask, tg.loss_mask, mask
                     )
                     sums[(d, part)] += torch.stack([correct.float(), counted.float()])

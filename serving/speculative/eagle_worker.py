@@ -15,6 +15,7 @@ them in one extend when speculation resumes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +52,36 @@ CUT_RATIO = 0.5
 
 def _bucket(batch_size: int) -> int:
     return 1 << (batch_size - 1).bit_length()
+
+
+@dataclass
+class _ModeRate:
+    """One mode's iterations: how many, and smoothed tokens and seconds per iteration."""
+
+    n: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        first = self.n == 0
+        self.tokens = tokens if first else (1 - RATE_EMA) * self.tokens + RATE_EMA * tokens
+        self.seconds = seconds if first else (1 - RATE_EMA) * self.seconds + RATE_EMA * seconds
+        self.n += 1
+
+
+@dataclass
+class _BucketRates:
+    """The adaptive policy's state for one batch-size bucket."""
+
+    spec: _ModeRate = field(default_factory=_ModeRate)
+    plain: _ModeRate = field(default_factory=_ModeRate)
+    steps: int = 0
+    winner: bool | None = None  # True: speculation is the faster mode
+    spec_measured: bool = False  # the first speculative window is over (full or cut)
+    interval: int = PROBE_EVERY
+    next_probe: int = 0
+    last_spec: bool = False
+    window: _ModeRate = field(default_factory=_ModeRate)  # the current speculative window, unsmoothed sums
 
 
 class EagleWorker:
@@ -109,7 +140,7 @@ class EagleWorker:
                 self, min(cfg.cuda_graph_max_bs, cfg.max_running_requests, cfg.speculative_max_batch_size)
             )
         self.adaptive = not cfg.disable_speculative_adaptive
-        self._rates: dict[int, dict] = {}
+        self._rates: dict[int, _BucketRates] = {}
         logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
 
     def _resolve(self, target, cfg):
@@ -160,66 +191,53 @@ class EagleWorker:
             return True
         bucket = _bucket(batch_size)
         rates = self._rates.get(bucket)
-        if rates is None or rates["n_plain"] < PROBE_LEN:
+        if rates is None or rates.plain.n < PROBE_LEN:
             return False  # plain decoding is measured first: it is the safe choice
-        if rates["n_spec"] == 0 and any(r["winner"] is False for b, r in self._rates.items() if b < bucket):
+        if rates.spec.n == 0 and any(r.winner is False for b, r in self._rates.items() if b < bucket):
             # Speculation pays less as the batch grows, so where it lost at a smaller batch, stay plain here; trying
             # it would cost a draft catch-up and graph captures.
             return False
-        if not rates["spec_measured"]:
+        if not rates.spec_measured:
             return True
-        probe = rates["next_probe"] <= rates["steps"] < rates["next_probe"] + PROBE_LEN
-        return rates["winner"] != probe
+        probe = rates.next_probe <= rates.steps < rates.next_probe + PROBE_LEN
+        return rates.winner != probe
 
     def record(self, speculative: bool, batch_size: int, tokens: int, seconds: float) -> None:
         """Tokens committed per second by each mode, per batch-size bucket: smoothed tokens over smoothed seconds
         per iteration (a ratio of averages: single verify steps commit 1 token or several)."""
         if seconds <= 0:
             return
-        rates = self._rates.setdefault(
-            _bucket(batch_size),
-            {
-                "n_spec": 0, "n_plain": 0, "steps": 0, "winner": None, "spec_measured": False,
-                "interval": PROBE_EVERY, "next_probe": 0, "tok_spec": 0.0, "sec_spec": 0.0, "tok_plain": 0.0,
-                "sec_plain": 0.0, "last_spec": False, "win_n": 0, "win_tok": 0.0, "win_sec": 0.0,
-            },
-        )  # fmt: skip
-        key = "spec" if speculative else "plain"
-        first = rates["n_" + key] == 0
-        for name, value in (("tok_", tokens), ("sec_", seconds)):
-            old = rates[name + key]
-            rates[name + key] = value if first else (1 - RATE_EMA) * old + RATE_EMA * value
-        rates["n_" + key] += 1
-        rates["steps"] += 1
+        rates = self._rates.setdefault(_bucket(batch_size), _BucketRates())
+        (rates.spec if speculative else rates.plain).add(tokens, seconds)
+        rates.steps += 1
         cut = False
         if speculative:
-            if not rates["last_spec"]:  # a speculative window starts; its first iteration is not judged
-                rates["win_n"], rates["win_tok"], rates["win_sec"] = 0, 0.0, 0.0
+            if not rates.last_spec:  # a speculative window starts; its first iteration is not judged
+                rates.window = _ModeRate(n=1)
             else:
-                rates["win_tok"] += tokens
-                rates["win_sec"] += seconds
-            rates["win_n"] += 1
+                w = rates.window
+                w.n, w.tokens, w.seconds = w.n + 1, w.tokens + tokens, w.seconds + seconds
+            plain = rates.plain
             cut = (
-                rates["win_n"] > CUT_AFTER
-                and rates["n_plain"] > 0
-                and rates["win_tok"] * rates["sec_plain"] < CUT_RATIO * rates["tok_plain"] * rates["win_sec"]
+                rates.window.n > CUT_AFTER
+                and plain.n > 0
+                and rates.window.tokens * plain.seconds < CUT_RATIO * plain.tokens * rates.window.seconds
             )
-        rates["last_spec"] = speculative
-        if not rates["spec_measured"]:
-            rates["spec_measured"] = rates["n_spec"] >= PROBE_LEN or cut
-        if not rates["spec_measured"] or rates["n_plain"] < PROBE_LEN:
+        rates.last_spec = speculative
+        rates.spec_measured = rates.spec_measured or rates.spec.n >= PROBE_LEN or cut
+        if not rates.spec_measured or rates.plain.n < PROBE_LEN:
             return
         # tokens per second of each mode, as ratios of the smoothed sums (cross-multiplied: no division)
-        winner = rates["tok_spec"] * rates["sec_plain"] >= rates["tok_plain"] * rates["sec_spec"]
-        if rates["winner"] is None or winner != rates["winner"]:
-            rates["interval"] = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
-            rates["next_probe"] = rates["steps"] + PROBE_EVERY
-        elif speculative != winner and (cut or rates["steps"] >= rates["next_probe"] + PROBE_LEN):
+        winner = rates.spec.tokens * rates.plain.seconds >= rates.plain.tokens * rates.spec.seconds
+        if rates.winner is None or winner != rates.winner:
+            rates.interval = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
+            rates.next_probe = rates.steps + PROBE_EVERY
+        elif speculative != winner and (cut or rates.steps >= rates.next_probe + PROBE_LEN):
             # A probe ran the other mode (whole, or cut short by a clear loss), and it still loses: probe half as
             # often.
-            rates["interval"] = min(2 * rates["interval"], PROBE_MAX)
-            rates["next_probe"] = rates["steps"] + rates["interval"]
-        rates["winner"] = winner
+            rates.interval = min(2 * rates.interval, PROBE_MAX)
+            rates.next_probe = rates.steps + rates.interval
+        rates.winner = winner
 
     def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
         """Only positions whose draft KV was computed may enter the prefix cache."""
