@@ -28,9 +28,14 @@ FULL = tl.constexpr(0)
 PREFIX_SPLIT = tl.constexpr(1)
 MERGE_EXTEND = tl.constexpr(2)
 BLOCK_N_GPU = 64
-# Two stages: K/V gathered one block ahead (the slot indices are loaded a block before that), 96 KiB of shared
-# memory for 128 bf16 rows x 128 dims, so two programs are resident per H100/H200 SM (three stages: 128 KiB, one).
-NUM_STAGES_GPU = 2
+# Three stages: K/V gathered two blocks ahead. More shared memory per program than two stages, yet faster at
+# tree-verify shapes (prefix 4096, 64 tree tokens, 128 rows, 8 warps) on an H200: 141 vs 173 us at batch 8, 537 vs
+# 660 us at batch 32 (benchmarks/tune_attention.py, docs/results/h200_tune_attention.json).
+NUM_STAGES_GPU = 3
+# Query rows (new tokens x query heads of one KV head) per program on CUDA, for head_dim <= 128 (half above), and
+# stage-1 warps (None: 8 from 128 rows, else 4).
+ROWS_GPU = 128
+NUM_WARPS_GPU = None
 # Split heuristic: split the prefix only while the unsplit grid would leave over half of the SMs idle, up to one
 # program per SM; at least MIN_KEYS_PER_SPLIT prefix keys per split, since each split of each token block writes
 # and re-reads an fp32 [rows, D] partial (128 rows x 128 dims: 128 KiB, against the 512 KiB of K/V that 1024 keys
@@ -61,7 +66,7 @@ def block_sizes(group: int, head_dim: int, max_extend_len: int, interpret: bool)
     """(BLOCK_G, BLOCK_M, BLOCK_N): a program's BLOCK_M new tokens x BLOCK_G query heads and its key block."""
     block_g = next_pow2(group)
     # R = BLOCK_M * BLOCK_G query rows per program; tl.dot needs R >= 16.
-    rows = 16 if interpret else (128 if head_dim <= 128 else 64)
+    rows = 16 if interpret else (ROWS_GPU if head_dim <= 128 else ROWS_GPU // 2)
     block_m = max(1, rows // block_g)
     block_m = min(block_m, max(next_pow2(max_extend_len), max(1, 16 // block_g)))
     return block_g, block_m, 16 if interpret else BLOCK_N_GPU
@@ -410,7 +415,7 @@ def extend_attention(
             batch, num_kv_heads, num_m_blocks, max_prefix_len, block_n, num_sms(q.device)
         )
     mask_arg = custom_mask.view(torch.uint8) if custom_mask is not None else q  # q: a dummy, never read
-    num_warps = 8 if block_m * block_g >= 128 else 4
+    num_warps = NUM_WARPS_GPU or (8 if block_m * block_g >= 128 else 4)
     if num_kv_splits > 1:
         # fp32 scratch: [N, Hq, splits, D] partial outputs and [N, Hq, splits] log2-sum-exp of the prefix splits.
         partial_out = torch.empty(

@@ -22,7 +22,9 @@ class TrainArgs:
     aux_layer_ids: list[int] | None = _arg(None, "target layers whose outputs feed the draft "
                                            "(default [1, N//2-1, N-4])",
                                            nargs=3, type=int)
-    draft_vocab_size: int = _arg(32000, "draft vocabulary size (the most frequent target tokens in the data)")
+    draft_vocab_size: int | None = _arg(
+        None, "draft vocabulary size, the most frequent target tokens in the data (default 32000; with --ckpt-dir the "
+        "checkpoint's own, and another size re-maps its lm_head to the new vocabulary)")
     # data
     train_data_path: str | None = _arg(None, "normalized chat JSONL (specforge prepare-data), or a tokenized "
                                        "dataset folder (datasets.save_to_disk with input_ids, loss_mask)",
@@ -78,7 +80,7 @@ class TrainArgs:
             errors.append("give --train-data-path (online) or --train-hidden-states-path (offline)")
         for name in ("num_epochs", "batch_size", "draft_accumulation_steps", "max_length", "ttt_length",
                      "eval_interval", "save_interval", "log_interval", "draft_vocab_size", "target_gpus_per_rank"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -31,6 +31,7 @@ from specforge.args import TrainArgs
 from specforge.core import Eagle3TrainModule, accept_length, prepare_targets, weighted_loss
 from specforge.hidden_states import HiddenStatesDataset
 from specforge.target import TargetModel, load_tokenizer, resolve_dtype
+from specforge.vocab import remap_lm_head
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -220,14 +221,20 @@ def collate(rows, indices: list[int], pad_to: int) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- model
+DEFAULT_DRAFT_VOCAB = 32000  # SpecForge's draft vocabulary size
+
+
 def build_draft_config(args: TrainArgs, target_config: dict, vocab_size: int) -> DraftConfig:
     if args.draft_model_config:
         cfg = DraftConfig.from_file(args.draft_model_config)
     elif args.ckpt_dir:
         cfg = DraftConfig.from_file(args.ckpt_dir)
+        wanted = args.draft_vocab_size
+        if wanted is not None and min(wanted, vocab_size) != cfg.effective_draft_vocab_size:
+            cfg.draft_vocab_size = wanted if wanted < vocab_size else None
     else:
-        cfg = DraftConfig.for_target(target_config, draft_vocab_size=min(args.draft_vocab_size, vocab_size),
-                                     aux_layer_ids=args.aux_layer_ids)
+        cfg = DraftConfig.for_target(target_config, draft_vocab_size=min(args.draft_vocab_size or DEFAULT_DRAFT_VOCAB,
+                                                                          vocab_size), aux_layer_ids=args.aux_layer_ids)
     if cfg.aux_layer_ids is None:
         cfg.aux_layer_ids = cfg.resolved_aux_layer_ids(int(target_config["num_hidden_layers"]))
     if args.aux_layer_ids is not None and list(args.aux_layer_ids) != list(cfg.aux_layer_ids):
@@ -360,6 +367,24 @@ class Trainer:
                 return DraftConfig.from_file(path).aux_layer_ids
         return None
 
+    def _load_remapped(self, draft: Eagle3DraftModel, src: Eagle3DraftModel) -> None:
+        """Start from `src` with this run's draft vocabulary (from the training data): every weight but the lm_head
+        as is; lm_head rows of tokens in both vocabularies copied, the others mapped from the target's lm_head."""
+        cfg = draft.config
+        d2t, t2d = vocab_mapping(self.train_rows, cfg.vocab_size, cfg.effective_draft_vocab_size)
+        draft.d2t.copy_(d2t)
+        draft.t2d.copy_(t2d)
+        state = {k: v for k, v in src.state_dict().items() if not k.startswith(("lm_head.", "d2t", "t2d"))}
+        draft.load_state_dict(state, strict=False)
+        target_head = self.target.lm_head_weight() if self.target is not None else self.lm_head  # [V, Ht]
+        src_head = src.lm_head.weight if src.lm_head is not None else None
+        new_ids = torch.arange(draft.draft_vocab_size) + d2t
+        src_ids = torch.arange(src.draft_vocab_size) + src.d2t
+        weight, report = remap_lm_head(src_head, src_ids, new_ids, target_head.detach().float().cpu())
+        with torch.no_grad():
+            draft.lm_head.weight.copy_(weight)
+        self._log(f"draft vocabulary {src.draft_vocab_size} -> {draft.draft_vocab_size}: {report}")
+
     def _build_model(self):
         args = self.args
         cfg = build_draft_config(args, self.target_config, self.vocab_size)
@@ -374,7 +399,10 @@ class Trainer:
         draft = Eagle3DraftModel(cfg)
         if args.ckpt_dir:
             src = load_draft(args.ckpt_dir, dtype=torch.float32)
-            draft.load_state_dict(src.state_dict(), strict=False)
+            if src.draft_vocab_size == draft.draft_vocab_size:
+                draft.load_state_dict(src.state_dict(), strict=False)
+            else:
+                self._load_remapped(draft, src)
         else:
             d2t, t2d = vocab_mapping(self.train_rows, cfg.vocab_size, cfg.effective_draft_vocab_size)
             draft.d2t.copy_(d2t)

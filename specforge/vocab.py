@@ -74,3 +74,33 @@ def build_vocab_mapping(token_counts, vocab_size: int, draft_vocab_size: int) ->
     t2d = torch.zeros(vocab_size, dtype=torch.bool)
     t2d[target_ids] = True
     return d2t, t2d
+
+
+def remap_lm_head(
+    src_weight: torch.Tensor | None, src_ids: torch.Tensor, new_ids: torch.Tensor, target_head: torch.Tensor
+) -> tuple[torch.Tensor, str]:
+    """A draft lm_head for vocabulary `new_ids` (target ids, ascending) from one trained over `src_ids`.
+
+    Rows of tokens in both are copied. The others come from the target's lm_head rows [V, Ht] through the linear map
+    that best turns target rows into the trained draft rows on the shared tokens (least squares), so a new token
+    starts where the trained head would roughly have put it. A source without an lm_head reads the target's: its
+    rows are the target's own. Returns (weight [len(new_ids), H] fp32, a one-line report).
+    """
+    if src_weight is None:
+        return target_head[new_ids].clone(), f"{len(new_ids)} rows from the target's lm_head (the source had none)"
+    src_weight = src_weight.detach().float().cpu()
+    pos_in_src = torch.full((target_head.shape[0],), -1, dtype=torch.int64)
+    pos_in_src[src_ids] = torch.arange(len(src_ids))
+    where = pos_in_src[new_ids]  # [Vd_new]: row in the source head, or -1
+    kept = where >= 0
+    weight = torch.empty(len(new_ids), src_weight.shape[1], dtype=torch.float32)
+    weight[kept] = src_weight[where[kept]]
+    fresh = int((~kept).sum())
+    if fresh == 0:
+        return weight, f"all {len(new_ids)} rows kept"
+    basis = target_head[src_ids].float()
+    mapping = torch.linalg.lstsq(basis, src_weight).solution  # [Ht, H]
+    residual = float((basis @ mapping - src_weight).norm() / src_weight.norm().clamp_min(1e-12))
+    weight[~kept] = target_head[new_ids[~kept]].float() @ mapping
+    return weight, (f"{int(kept.sum())} rows kept, {fresh} mapped from the target's lm_head "
+                    f"(least-squares fit on the shared rows, relative residual {residual:.2f})")

@@ -265,3 +265,41 @@ def test_ckpt_dir_starts_from_a_published_draft(assets, tmp_path):
     a, b = load_draft(src), load_draft(again / "epoch_0_step_1")
     assert torch.equal(a.t2d, b.t2d) and torch.equal(a.d2t, b.d2t)
     torch.testing.assert_close(a.fc.weight, b.fc.weight)  # a 1e-9 step leaves the bf16 weights where they were
+
+
+def test_ckpt_dir_with_another_draft_vocab_size_remaps_the_lm_head(assets, tmp_path):
+    first = tmp_path / "first"
+    assert main(common(assets, first, "--data-path", str(assets["data"]), "--max-num-steps", "2")) == 0
+    src = load_draft(first / "epoch_0_step_2", dtype=torch.float32)
+    grown = tmp_path / "grown"
+    args = common(assets, grown, "--data-path", str(assets["data"]), "--ckpt-dir", str(first / "epoch_0_step_2"),
+                  "--max-num-steps", "1", "--learning-rate", "1e-9", "--save-dtype", "float32")
+    args[args.index("--draft-vocab-size") + 1] = "192"
+    assert main(args) == 0
+    new = load_draft(grown / "epoch_0_step_1", dtype=torch.float32)
+    cfg = json.loads((grown / "epoch_0_step_1" / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 192 and new.lm_head.weight.shape == (192, src.lm_head.weight.shape[1])
+    assert int(new.t2d.sum()) == 192 and bool(new.t2d[torch.where(src.t2d)[0]].all())  # a superset of the old one
+    torch.testing.assert_close(new.fc.weight, src.fc.weight)
+    new_ids = torch.arange(192) + new.d2t
+    src_ids = torch.arange(128) + src.d2t
+    for row, tok in enumerate(new_ids.tolist()):
+        if src.t2d[tok]:  # a token of both vocabularies keeps its trained row
+            old_row = int((src_ids == tok).nonzero())
+            torch.testing.assert_close(new.lm_head.weight[row], src.lm_head.weight[old_row])
+    added = ~src.t2d[new_ids]
+    assert int(added.sum()) == 64 and new.lm_head.weight[added].abs().sum(1).min() > 0
+
+
+def test_remap_lm_head_maps_new_rows_through_the_least_squares_fit():
+    from specforge.vocab import remap_lm_head
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(50, 6, generator=g)
+    true_map = torch.randn(6, 4, generator=g)
+    src_ids = torch.arange(0, 40, 2)  # 20 trained rows, exactly target rows @ true_map
+    weight, report = remap_lm_head(target[src_ids] @ true_map, src_ids, torch.tensor([0, 1, 2, 45]), target)
+    torch.testing.assert_close(weight, target[[0, 1, 2, 45]] @ true_map, atol=1e-4, rtol=1e-4)
+    assert "2 rows kept, 2 mapped" in report and "residual 0.00" in report
+    same, report = remap_lm_head(None, src_ids, torch.tensor([3, 7]), target)
+    torch.testing.assert_close(same, target[[3, 7]])

@@ -1,0 +1,217 @@
+"""Launch-configuration sweep of the decode and tree-verify attention kernels at Llama-3.1-8B shapes (CUDA only).
+
+    python benchmarks/tune_attention.py --out tune_attention.json [--seconds 240]
+
+Decode: keys per block x warps x pipeline stages x KV splits; tree verify: query rows per program x keys per block x
+warps x stages (unsplit prefix). Each configuration is timed with triton's do_bench (L2 flushed between calls) on a
+fresh paged cache; the best few per shape are timed again on new caches to show how stable they are. SDPA on the
+gathered K/V is timed beside them, as in bench_kernels.py. Prints the best configurations per shape last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import (  # noqa: E402
+    HEAD_DIM,
+    NUM_KV_HEADS,
+    NUM_Q_HEADS,
+    bench_ms,
+    copy_bandwidth,
+    gather_kv,
+    make_paged_cache,
+    random_tree_mask,
+    sdpa,
+)
+
+decode_mod = importlib.import_module("kernels.decode_attention")
+extend_mod = importlib.import_module("kernels.extend_attention")
+
+
+def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtype):
+    dev = gen.device
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, 0, gen, dtype)
+    seq_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    out = torch.empty_like(q)
+    ref = decode_mod.decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
+                                          HEAD_DIM**-0.5)  # fmt: skip
+
+    def run(splits):
+        decode_mod.decode_attention(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5, out=out,
+            num_kv_splits=splits, max_seq_len_hint=prefix,
+        )  # fmt: skip
+        return out
+
+    k = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
+    v = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
+    q4 = q[:, :, None, :]
+    nbytes = 2 * batch * prefix * NUM_KV_HEADS * HEAD_DIM * q.element_size()
+    return run, ref, (lambda: sdpa(q4, k, v, None)), nbytes
+
+
+def tree_case(batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, dtype: torch.dtype):
+    dev = gen.device
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, tree_tokens, gen, dtype)
+    n = batch * tree_tokens
+    q = torch.randn(n, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    k_new = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    v_new = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
+    extend_lens = torch.full((batch,), tree_tokens, dtype=torch.int32, device=dev)
+    start_loc = torch.arange(batch, dtype=torch.int32, device=dev) * tree_tokens
+    mask = random_tree_mask(batch, tree_tokens, torch.Generator().manual_seed(0)).to(dev)
+    out = torch.empty_like(q)
+    args = (q, k_new, v_new, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, start_loc,
+            tree_tokens, HEAD_DIM**-0.5)  # fmt: skip
+    ref = extend_mod.extend_attention_ref(*args, custom_mask=mask)
+
+    def run(splits):
+        extend_mod.extend_attention(*args, custom_mask=mask, out=out, num_kv_splits=splits, max_prefix_len_hint=prefix)
+        return out
+
+    to_bhld = lambda t: t.view(batch, tree_tokens, -1, HEAD_DIM).transpose(1, 2)  # noqa: E731
+    k_all = torch.cat([gather_kv(k_buffer, req_to_token, req_pool_indices, prefix), to_bhld(k_new)], 2).contiguous()
+    v_all = torch.cat([gather_kv(v_buffer, req_to_token, req_pool_indices, prefix), to_bhld(v_new)], 2).contiguous()
+    q4 = to_bhld(q).contiguous()
+    full = torch.cat([torch.ones(batch, tree_tokens, prefix, dtype=torch.bool, device=dev), mask], 2)[:, None]
+    nbytes = 2 * batch * (prefix + tree_tokens) * NUM_KV_HEADS * HEAD_DIM * q.element_size()
+    return run, ref, (lambda: sdpa(q4, k_all, v_all, full)), nbytes
+
+
+def set_config(kernel: str, cfg: dict) -> None:
+    if kernel == "decode":
+        decode_mod.BLOCK_N_GPU, decode_mod.NUM_WARPS_GPU, decode_mod.NUM_STAGES_GPU = (
+            cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
+        )  # fmt: skip
+    else:
+        extend_mod.ROWS_GPU, extend_mod.BLOCK_N_GPU = cfg["rows"], cfg["block_n"]
+        extend_mod.NUM_WARPS_GPU, extend_mod.NUM_STAGES_GPU = cfg["num_warps"], cfg["num_stages"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="tune_attention.json")
+    p.add_argument("--batch-sizes", default="8,32")
+    p.add_argument("--prefix", type=int, default=4096)
+    p.add_argument("--tree-tokens", type=int, default=64)
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=240.0,
+        help="sweep time in all (split evenly between the kernels); untimed configurations are skipped",
+    )
+    p.add_argument("--kernels", default="decode,tree", help="which sweeps to run")
+    p.add_argument(
+        "--decode-grid",
+        default=None,
+        type=lambda t: tuple(tuple(int(x) for x in part.split(",")) for part in t.split("/")),
+        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/4,16,32 (default: a wide grid)",
+    )
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rep", type=int, default=40)
+    p.add_argument("--recheck", type=int, default=3, help="best configurations per shape timed again")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_attention.py needs a CUDA GPU; nothing was measured.")
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dtype = torch.bfloat16
+    copy = copy_bandwidth(1 << 30, 25, 100, "cuda")
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    defaults = {
+        "decode": {"block_n": decode_mod.BLOCK_N_GPU, "num_warps": decode_mod.NUM_WARPS_GPU,
+                   "num_stages": decode_mod.NUM_STAGES_GPU},
+        "tree": {"rows": extend_mod.ROWS_GPU, "block_n": extend_mod.BLOCK_N_GPU, "num_warps": extend_mod.NUM_WARPS_GPU,
+                 "num_stages": extend_mod.NUM_STAGES_GPU},
+    }  # fmt: skip
+    grids = {
+        "decode": [
+            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp}
+            for bn, w, s, sp in itertools.product(
+                *(args.decode_grid or ((32, 64, 128), (4, 8), (2, 3, 4), (8, 16, 32, 4)))
+            )
+        ],
+        "tree": [
+            {"rows": r, "block_n": bn, "num_warps": w, "num_stages": s, "splits": 1}
+            for r, bn, w, s in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3))
+        ],
+    }
+    results: list[dict] = []
+    sdpa_us: dict[str, float] = {}
+
+    def measure(kernel, batch, cfg, case):
+        run, ref, _, nbytes = case
+        set_config(kernel, cfg)
+        try:
+            err = (run(cfg["splits"]).float() - ref.float()).abs().max().item()
+            us = bench_ms(lambda: run(cfg["splits"]), args.warmup, args.rep, "cuda") * 1e3
+        except Exception as e:  # a configuration that does not compile (shared memory, registers) is skipped
+            return {"kernel": kernel, "batch": batch, **cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        return {"kernel": kernel, "batch": batch, **cfg, "time_us": us, "pct_of_copy": 100 * nbytes / us / 1e3 /
+                copy["GBps"], "max_abs_err": err}  # fmt: skip
+
+    kernels = [k for k in ("decode", "tree") if k in args.kernels.split(",")]
+    for kernel in kernels:
+        deadline = time.monotonic() + args.seconds / len(kernels)  # shared by the batch sizes
+        for batch in batches:
+            case = (decode_case(batch, args.prefix, gen, dtype) if kernel == "decode"
+                    else tree_case(batch, args.prefix, args.tree_tokens, gen, dtype))  # fmt: skip
+            key = f"{kernel} b{batch}"
+            sdpa_us[key] = bench_ms(case[2], 25, 100, "cuda") * 1e3
+            print(f"{key}: sdpa {sdpa_us[key]:.1f} us", flush=True)
+            for cfg in grids[kernel]:
+                if time.monotonic() > deadline:
+                    break
+                results.append(measure(kernel, batch, cfg, case))
+            del case
+            torch.cuda.empty_cache()
+    # Recheck the best configurations (and the current default) on fresh caches.
+    rechecks: list[dict] = []
+    for kernel in kernels:
+        for batch in batches:
+            done = [r for r in results if r["kernel"] == kernel and r["batch"] == batch and "time_us" in r]
+            best = sorted(done, key=lambda r: r["time_us"])[: args.recheck]
+            default = [r for r in done if all(r[k] == v for k, v in defaults[kernel].items() if v is not None)]
+            for r in best + default[:2]:
+                cfg = {k: r[k] for k in grids[kernel][0]}
+                times = []
+                for _ in range(2):
+                    case = (decode_case(batch, args.prefix, gen, dtype) if kernel == "decode"
+                            else tree_case(batch, args.prefix, args.tree_tokens, gen, dtype))  # fmt: skip
+                    m = measure(kernel, batch, cfg, case)
+                    times.append(m.get("time_us"))
+                    del case
+                rechecks.append({"kernel": kernel, "batch": batch, **cfg, "first_us": r["time_us"], "again_us": times,
+                                 "sdpa_us": sdpa_us[f"{kernel} b{batch}"]})  # fmt: skip
+    report = {"device": torch.cuda.get_device_name(), "copy_bandwidth": copy, "defaults": defaults,
+              "sdpa_us": sdpa_us, "results": results, "rechecks": rechecks}  # fmt: skip
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"copy {copy['GBps']:.0f} GB/s; {len(results)} configurations timed")
+    for r in rechecks:
+        cfg = {k: r[k] for k in r if k not in ("kernel", "batch", "first_us", "again_us", "sdpa_us")}
+        again = ", ".join(f"{t:.1f}" if t else "-" for t in r["again_us"])
+        line = f"{r['kernel']:>6} b{r['batch']:<3} {cfg}  {r['first_us']:.1f} us (again {again})"
+        print(f"{line}  sdpa {r['sdpa_us']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
