@@ -83,9 +83,16 @@ def graph_bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
 
 
 def copy_bandwidth(size_bytes: int, warmup: int, rep: int, device: str) -> dict:
+    """Timed eagerly: the same copy replayed from a CUDA graph measured 2.76 TB/s on an H200 against 4.2 TB/s eager,
+    and the higher figure is the bound to compare kernels with."""
     src = torch.empty(size_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), warmup, rep, device)
+    if device == "cuda":
+        import triton.testing
+
+        ms = float(triton.testing.do_bench(lambda: dst.copy_(src), warmup=warmup, rep=rep, return_mode="median"))
+    else:
+        ms = bench_ms(lambda: dst.copy_(src), warmup, rep, device)
     moved = 2 * src.numel() * src.element_size()  # read + write
     return {"bytes_moved": moved, "time_us": ms * 1e3, "GBps": moved / (ms * 1e-3) / 1e9}
 
