@@ -15,6 +15,7 @@ them in one extend when speculation resumes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +38,13 @@ DEFAULT_CPU = (3, 1, 4)
 DEFAULT_GPU = (5, 4, 16)
 # Adaptive mode: each mode is first measured for PROBE_LEN iterations, plain decoding first (one iteration is a
 # noisy sample: a verify step commits 1 token or several). Then now and then PROBE_LEN iterations run the currently
-# slower mode, to notice when it becomes faster. The gap between such probes doubles (PROBE_EVERY .. PROBE_MAX) while
-# they confirm the choice, so a mode that keeps losing costs little; a change of the faster mode resets it.
+# slower mode, to notice when it becomes faster. The gap between such probes doubles (from PROBE_EVERY, up to
+# PROBE_MAX) while they confirm the choice, and is never shorter than what keeps the time a losing probe costs
+# (against the faster mode's rate) under PROBE_SHARE of decoding time; a change of the faster mode resets it.
 PROBE_LEN = 8
 PROBE_EVERY = 16
-PROBE_MAX = 1024
+PROBE_MAX = 1 << 14
+PROBE_SHARE = 0.01
 RATE_EMA = 0.1
 # A speculative window (the first measurement or a probe) ends early when, after its first iteration (which also
 # pays the draft's catch-up on tokens committed meanwhile), CUT_AFTER more commit tokens at under CUT_RATIO of plain
@@ -82,6 +85,7 @@ class _BucketRates:
     next_probe: int = 0
     last_spec: bool = False
     window: _ModeRate = field(default_factory=_ModeRate)  # the current speculative window, unsmoothed sums
+    run: _ModeRate = field(default_factory=_ModeRate)  # the current run of one mode, first iteration included
 
 
 class EagleWorker:
@@ -210,6 +214,13 @@ class EagleWorker:
         rates = self._rates.setdefault(_bucket(batch_size), _BucketRates())
         (rates.spec if speculative else rates.plain).add(tokens, seconds)
         rates.steps += 1
+        if speculative != rates.last_spec or rates.run.n == 0:
+            rates.run = _ModeRate()
+        rates.run.n, rates.run.tokens, rates.run.seconds = (
+            rates.run.n + 1,
+            rates.run.tokens + tokens,
+            rates.run.seconds + seconds,
+        )
         cut = False
         if speculative:
             if not rates.last_spec:  # a speculative window starts; its first iteration is not judged
@@ -234,8 +245,11 @@ class EagleWorker:
             rates.next_probe = rates.steps + PROBE_EVERY
         elif speculative != winner and (cut or rates.steps >= rates.next_probe + PROBE_LEN):
             # A probe ran the other mode (whole, or cut short by a clear loss), and it still loses: probe half as
-            # often.
-            rates.interval = min(2 * rates.interval, PROBE_MAX)
+            # often, and at most so often that such probes cost PROBE_SHARE of the time.
+            best = rates.spec if winner else rates.plain
+            lost = rates.run.seconds - rates.run.tokens * best.seconds / max(best.tokens, 1e-9)
+            budget = math.ceil(max(lost, 0.0) / (PROBE_SHARE * best.seconds))
+            rates.interval = min(max(2 * rates.interval, budget), PROBE_MAX)
             rates.next_probe = rates.steps + rates.interval
         rates.winner = winner
 

@@ -339,7 +339,7 @@ def test_server_reports_spec_decoding_and_metrics(tmp_path):
 
 
 def test_adaptive_policy_follows_the_measured_rates(tmp_path):
-    from serving.speculative.eagle_worker import CUT_AFTER, PROBE_EVERY, PROBE_LEN, PROBE_MAX
+    from serving.speculative.eagle_worker import CUT_AFTER, PROBE_EVERY, PROBE_LEN, PROBE_MAX, PROBE_SHARE
 
     hf, target = tiny_target(vocab=8, layers=4)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
@@ -359,11 +359,16 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     assert not worker.should_speculate(1)  # plain is faster
     choices = run(2 * PROBE_EVERY, spec_tokens=2)
     assert sum(choices) == PROBE_LEN  # mostly plain, with one probe of PROBE_LEN speculative iterations
-    choices += run(4000, spec_tokens=2)
+    choices += run(60000, spec_tokens=2)
     starts = [i for i, c in enumerate(choices) if c and (i == 0 or not choices[i - 1])]
     assert all(choices[i : i + PROBE_LEN] == [True] * PROBE_LEN for i in starts)  # each probe is PROBE_LEN long
-    assert 6 <= len(starts) <= 10  # the gap doubles while speculation keeps losing: 16, 32, ... 1024
-    assert starts[-1] - starts[-2] == PROBE_MAX + PROBE_LEN
+    # While speculation keeps losing, the gap doubles, and is long enough from the start that a probe (8 iterations
+    # of 1 s committing 16 tokens, where plain decoding commits them in 4 s: 4 s lost) costs PROBE_SHARE of the time.
+    gaps = [b - a - PROBE_LEN for a, b in zip(starts, starts[1:])]
+    budget = round(4.0 / PROBE_SHARE)
+    assert gaps[0] == budget and gaps[1] == 2 * budget and gaps[2] == 4 * budget
+    assert gaps[-1] == PROBE_MAX and len(gaps) <= 8
+    assert 0.5 * sum(choices) <= PROBE_SHARE * len(choices)  # a speculative iteration loses 0.5 s here
     for _ in range(3):  # speculation becomes the faster mode (seen by a probe): follow it, and probe plain often
         worker.record(True, 1, tokens=40, seconds=1.0)
     assert worker.should_speculate(1)
@@ -392,7 +397,7 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     # CUT_AFTER more, both the first measurement and every probe.
     clear = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
     worker = clear.spec_worker
-    choices = run(PROBE_LEN + 2 * PROBE_EVERY, spec_tokens=1)
+    choices = run(PROBE_LEN + 2 * PROBE_EVERY + round(3 / PROBE_SHARE), spec_tokens=1)
     window = [True] * (1 + CUT_AFTER)
     assert choices[: PROBE_LEN + len(window) + 1] == [False] * PROBE_LEN + window + [False]
     starts = [i for i, c in enumerate(choices) if c and not choices[i - 1]]

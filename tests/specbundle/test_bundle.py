@@ -143,18 +143,18 @@ def test_card_front_matter_and_results(tiny_bundle):
 def test_packaged_smollm2_bundle():
     meta = BundleMetadata.from_file(PACKAGED)
     assert meta.trained is True and meta.target_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert meta.aux_layer_ids == [1, 14, 26] and meta.draft_vocab_size == 8192
+    assert meta.aux_layer_ids == [1, 14, 26] and meta.draft_vocab_size == 16384
     report = verify_bundle(PACKAGED, TargetInfo("HuggingFaceTB/SmolLM2-135M-Instruct", 576, 49152, 30))
     cfg = report.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (576, 9, 3, 64)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.rope_theta) == (1536, 49152, 100000.0)
     assert cfg.max_position_embeddings == 8192
     shapes = read_shapes(PACKAGED)
-    assert shapes["fc.weight"] == (576, 3 * 576) and shapes["lm_head.weight"] == (8192, 576)
+    assert shapes["fc.weight"] == (576, 3 * 576) and shapes["lm_head.weight"] == (16384, 576)
     assert "Untrained placeholder" not in (PACKAGED / "README.md").read_text()
     model = load_draft(PACKAGED, target_hidden_size=576, target_vocab_size=49152)
-    assert int(model.t2d.sum()) == 8192
-    # A trained vocabulary map: the most frequent assistant tokens, not the first 8192 ids.
+    assert int(model.t2d.sum()) == 16384
+    # A trained vocabulary map: the most frequent assistant tokens, not the first 16384 ids.
     assert int(model.d2t.abs().sum()) > 0
 
 
