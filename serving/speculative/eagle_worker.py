@@ -46,6 +46,7 @@ PROBE_EVERY = 16
 PROBE_MAX = 1 << 14
 PROBE_SHARE = 0.01
 RATE_EMA = 0.1
+FLIP_MARGIN = 0.05
 # A speculative window (the first measurement or a probe) ends early when, after its first iteration (which also
 # pays the draft's catch-up on tokens committed meanwhile), CUT_AFTER more commit tokens at under CUT_RATIO of plain
 # decoding's rate: a clear loss needs no full window, which matters where speculation is several times slower.
@@ -86,6 +87,7 @@ class _BucketRates:
     last_spec: bool = False
     window: _ModeRate = field(default_factory=_ModeRate)  # the current speculative window, unsmoothed sums
     run: _ModeRate = field(default_factory=_ModeRate)  # the current run of one mode, first iteration included
+    min_gap: int = 0  # iterations between probes that keep the last losing probe's cost within PROBE_SHARE
 
 
 class EagleWorker:
@@ -145,6 +147,7 @@ class EagleWorker:
             )
         self.adaptive = not cfg.disable_speculative_adaptive
         self._rates: dict[int, _BucketRates] = {}
+        self._joined = False  # a request finished its prefill since the last decode decision
         logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
 
     def _resolve(self, target, cfg):
@@ -203,6 +206,16 @@ class EagleWorker:
             return False
         if not rates.spec_measured:
             return True
+        joined, self._joined = self._joined, False
+        if (
+            joined
+            and rates.winner is False
+            and rates.steps >= rates.next_probe - rates.interval + rates.min_gap
+            and not rates.next_probe <= rates.steps < rates.next_probe + PROBE_LEN
+        ):
+            # A new request brings new text, and acceptance depends on the text: probe speculation now rather than
+            # at the end of the doubled gap, as long as probes stay within their time share.
+            rates.next_probe = rates.steps
         probe = rates.next_probe <= rates.steps < rates.next_probe + PROBE_LEN
         return rates.winner != probe
 
@@ -212,7 +225,10 @@ class EagleWorker:
         if seconds <= 0:
             return
         rates = self._rates.setdefault(_bucket(batch_size), _BucketRates())
-        (rates.spec if speculative else rates.plain).add(tokens, seconds)
+        if not speculative:
+            rates.plain.add(tokens, seconds)
+        elif rates.last_spec:
+            rates.spec.add(tokens, seconds)  # a window's first iteration also pays the draft's catch-up: not a rate
         rates.steps += 1
         if speculative != rates.last_spec or rates.run.n == 0:
             rates.run = _ModeRate()
@@ -238,8 +254,15 @@ class EagleWorker:
         rates.spec_measured = rates.spec_measured or rates.spec.n >= PROBE_LEN or cut
         if not rates.spec_measured or rates.plain.n < PROBE_LEN:
             return
-        # tokens per second of each mode, as ratios of the smoothed sums (cross-multiplied: no division)
-        winner = rates.spec.tokens * rates.plain.seconds >= rates.plain.tokens * rates.spec.seconds
+        # tokens per second of each mode, as ratios of the smoothed sums (cross-multiplied: no division); the
+        # faster mode changes only when the other one leads by FLIP_MARGIN, so noise does not flip it back and forth
+        spec_rate, plain_rate = rates.spec.tokens * rates.plain.seconds, rates.plain.tokens * rates.spec.seconds
+        if rates.winner is None:
+            winner = spec_rate >= plain_rate
+        elif rates.winner:
+            winner = plain_rate <= (1 + FLIP_MARGIN) * spec_rate
+        else:
+            winner = spec_rate > (1 + FLIP_MARGIN) * plain_rate
         if rates.winner is None or winner != rates.winner:
             rates.interval = PROBE_EVERY  # first comparison, or the faster mode changed: check again soon
             rates.next_probe = rates.steps + PROBE_EVERY
@@ -251,6 +274,7 @@ class EagleWorker:
             budget = math.ceil(max(lost, 0.0) / (PROBE_SHARE * best.seconds))
             rates.interval = min(max(2 * rates.interval, budget), PROBE_MAX)
             rates.next_probe = rates.steps + rates.interval
+            rates.min_gap = min(budget, PROBE_MAX)
         rates.winner = winner
 
     def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
@@ -300,6 +324,7 @@ class EagleWorker:
     def after_prefill(self, fb, batch, new_slots, hidden, aux, done_reqs, tokens) -> None:
         """Extend the draft over each prefilled chunk (the final chunk's last next-token is the sampled one)."""
         sampled = {id(r): t for r, t in zip(done_reqs, tokens.tolist())} if tokens is not None else {}
+        self._joined = self._joined or bool(done_reqs)
         starts, toks, slots, reqs = [], [], [], []
         for req, s in zip(batch, new_slots):
             n = s.numel()

@@ -353,9 +353,10 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
             worker.record(out[-1], batch, tokens=spec_tokens if out[-1] else plain_tokens, seconds=1.0)
         return out
 
-    # Nothing measured: PROBE_LEN iterations of plain decoding, then PROBE_LEN of speculation (at half plain's rate:
-    # slower, but not clearly enough to cut the window short).
-    assert run(2 * PROBE_LEN, spec_tokens=2) == [False] * PROBE_LEN + [True] * PROBE_LEN
+    # Nothing measured: PROBE_LEN iterations of plain decoding, then PROBE_LEN of speculation after a first one that
+    # is not counted (it also pays the draft's catch-up); at half plain's rate: slower, but not clearly enough to cut
+    # the window short.
+    assert run(2 * PROBE_LEN + 1, spec_tokens=2) == [False] * PROBE_LEN + [True] * (PROBE_LEN + 1)
     assert not worker.should_speculate(1)  # plain is faster
     choices = run(2 * PROBE_EVERY, spec_tokens=2)
     assert sum(choices) == PROBE_LEN  # mostly plain, with one probe of PROBE_LEN speculative iterations
@@ -382,8 +383,9 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     assert not worker.should_speculate(1000)  # above --speculative-max-batch-size
     fresh = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
     worker = fresh.spec_worker
-    for _ in range(PROBE_LEN):
+    for _ in range(PROBE_LEN + 1):
         worker.record(True, 4, tokens=2, seconds=1.0)
+    for _ in range(PROBE_LEN):
         worker.record(False, 4, tokens=8, seconds=1.0)  # speculation lost at batch 4
     assert not worker.should_speculate(16) and not worker.should_speculate(8)  # larger, unmeasured: start plain
     for _ in range(PROBE_LEN):
@@ -391,7 +393,8 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     assert not worker.should_speculate(16)  # ... and stay plain while the smaller batch says so
     run(PROBE_LEN, spec_tokens=9, batch=2)
     assert worker.should_speculate(2)  # smaller batches are still tried once plain is measured there
-    worker.record(True, 4, tokens=200, seconds=1.0)  # speculation now wins at batch 4
+    for _ in range(2):  # speculation now wins at batch 4 (a window's first iteration is not counted)
+        worker.record(True, 4, tokens=200, seconds=1.0)
     assert worker.should_speculate(16)
     # A clear loss (here a quarter of plain's rate) ends a speculative window after its first iteration and
     # CUT_AFTER more, both the first measurement and every probe.
@@ -411,6 +414,34 @@ def test_adaptive_policy_follows_the_measured_rates(tmp_path):
     forced.record(True, 1, tokens=1, seconds=10.0)
     forced.record(False, 1, tokens=10, seconds=1.0)
     assert forced.should_speculate(1)
+
+
+def test_adaptive_policy_probes_when_a_request_joins(tmp_path):
+    """New text changes acceptance: a request that joins starts a probe of losing speculation early, but only once
+    PROBE_SHARE of the time since the last probe pays for one."""
+    from serving.speculative.eagle_worker import PROBE_LEN, PROBE_SHARE
+
+    hf, target = tiny_target(vocab=8, layers=4)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    worker = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
+    worker = worker.spec_worker
+
+    def step(joined=False):
+        worker._joined = joined  # what after_prefill sets when a request finishes its prefill
+        spec = worker.should_speculate(1)
+        worker.record(spec, 1, tokens=2 if spec else 4, seconds=1.0)  # speculation at half plain's rate
+        return spec
+
+    choices = [step() for _ in range(3000)]
+    ends = [i for i in range(1, len(choices)) if choices[i - 1] and not choices[i]]
+    gap = round(4.0 / PROBE_SHARE)  # a probe loses 4 s (16 tokens in 8 s, plain needs 4 s)
+    assert [b - a for a, b in zip(ends[1:], ends[2:])][:2] == [gap + PROBE_LEN, 2 * gap + PROBE_LEN]
+    since = len(choices) - ends[-1]  # plain iterations since the last probe ended; the next is 4 gaps away
+    assert since < gap
+    for _ in range(gap - since):
+        assert not step(joined=True)  # too soon after the last probe
+    assert step(joined=True)  # a join one gap after the last probe starts a probe
+    assert all(step() for _ in range(PROBE_LEN - 1)) and not step()
 
 
 def test_adaptive_mode_is_lossless(tmp_path):
