@@ -144,8 +144,9 @@ def auto_extend_splits(batch: int, prefix: int, tree_tokens: int, device: torch.
     return module.choose_num_kv_splits(batch, NUM_KV_HEADS, num_m_blocks, prefix, block_n, num_sms(device))
 
 
-def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
-    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
+def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtype):
+    """Decode inputs over a paged cache -> (run(num_kv_splits, precise_pv) -> out, fp32-reference output, sdpa() on
+    the gathered K/V -> [B, Hq, D], bytes that must move)."""
     from kernels import decode_attention, decode_attention_ref
 
     dev = gen.device
@@ -154,27 +155,31 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
     scale = HEAD_DIM**-0.5
     out = torch.empty_like(q)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
 
-    def run():
+    def run(num_kv_splits=None, precise_pv=True):
         decode_attention(
             q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, out=out,
             num_kv_splits=num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
         )  # fmt: skip
-
-    run()
-    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
-    err = (out.float() - ref.float()).abs().max().item()
-    ms = bench_ms(run, warmup, rep, dev.type)
+        return out
 
     k = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
     v = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
     q4 = q[:, :, None, :]  # [B, Hq, 1, D]
-    sdpa_out = sdpa(q4, k, v, None)
-    sdpa_err = (sdpa_out[:, :, 0].float() - ref.float()).abs().max().item()
-    sdpa_ms = bench_ms(lambda: sdpa(q4, k, v, None), warmup, rep, dev.type)
-
     elt = q.element_size()
     nbytes = 2 * batch * prefix * NUM_KV_HEADS * HEAD_DIM * elt + 2 * q.numel() * elt + batch * prefix * 4
+    return run, ref, (lambda: sdpa(q4, k, v, None)[:, :, 0]), nbytes
+
+
+def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
+    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
+    dev = gen.device
+    run, ref, run_sdpa, nbytes = decode_case(batch, prefix, gen, dtype)
+    err = (run(num_kv_splits, precise_pv).float() - ref.float()).abs().max().item()
+    ms = bench_ms(lambda: run(num_kv_splits, precise_pv), warmup, rep, dev.type)
+    sdpa_err = (run_sdpa().float() - ref.float()).abs().max().item()
+    sdpa_ms = bench_ms(run_sdpa, warmup, rep, dev.type)
     return {
         "kernel": "decode_attention",
         "precise_pv": precise_pv,
@@ -208,8 +213,9 @@ def random_tree_mask(batch, num_nodes, gen) -> torch.Tensor:
     return mask
 
 
-def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
-    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
+def tree_case(batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, dtype: torch.dtype):
+    """Tree-verify inputs (tree_tokens per request under a random tree mask, over a paged prefix) -> (run(num_kv_splits,
+    precise_pv) -> out, fp32-reference output, sdpa() on the gathered K/V -> [N, Hq, D], bytes that must move)."""
     from kernels import extend_attention, extend_attention_ref
 
     dev = gen.device
@@ -222,41 +228,46 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
     extend_lens = torch.full((batch,), tree_tokens, dtype=torch.int32, device=dev)
     extend_start_loc = torch.arange(batch, dtype=torch.int32, device=dev) * tree_tokens
     tree_mask = random_tree_mask(batch, tree_tokens, torch.Generator().manual_seed(0)).to(dev)
-    scale = HEAD_DIM**-0.5
     out = torch.empty_like(q)
     args = (
         q, k_new, v_new, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-        extend_start_loc, tree_tokens, scale,
+        extend_start_loc, tree_tokens, HEAD_DIM**-0.5,
     )  # fmt: skip
+    ref = extend_attention_ref(*args, custom_mask=tree_mask)
 
-    def run():
+    def run(num_kv_splits=None, precise_pv=True):
         extend_attention(
             *args, custom_mask=tree_mask, out=out, num_kv_splits=num_kv_splits, max_prefix_len_hint=prefix,
             precise_pv=precise_pv,
         )  # fmt: skip
-
-    run()
-    ref = extend_attention_ref(*args, custom_mask=tree_mask)
-    err = (out.float() - ref.float()).abs().max().item()
-    ms = bench_ms(run, warmup, rep, dev.type)
+        return out
 
     # SDPA on gathered K/V: [B, Hkv, prefix + tree, D], mask [B, 1, tree, prefix + tree].
-    k_prefix = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
-    v_prefix = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
     to_bhld = lambda t: t.view(batch, tree_tokens, -1, HEAD_DIM).transpose(1, 2)  # noqa: E731
-    k_all = torch.cat([k_prefix, to_bhld(k_new)], dim=2).contiguous()
-    v_all = torch.cat([v_prefix, to_bhld(v_new)], dim=2).contiguous()
+    k_all = torch.cat([gather_kv(k_buffer, req_to_token, req_pool_indices, prefix), to_bhld(k_new)], 2).contiguous()
+    v_all = torch.cat([gather_kv(v_buffer, req_to_token, req_pool_indices, prefix), to_bhld(v_new)], 2).contiguous()
     q4 = to_bhld(q).contiguous()  # [B, Hq, tree, D]
     full_mask = torch.cat([torch.ones(batch, tree_tokens, prefix, dtype=torch.bool, device=dev), tree_mask], dim=2)[
         :, None
     ]  # [B, 1, tree, prefix + tree]
-    sdpa_out = sdpa(q4, k_all, v_all, full_mask)
-    sdpa_err = (sdpa_out.transpose(1, 2).reshape_as(ref).float() - ref.float()).abs().max().item()
-    sdpa_ms = bench_ms(lambda: sdpa(q4, k_all, v_all, full_mask), warmup, rep, dev.type)
+
+    def run_sdpa():
+        return sdpa(q4, k_all, v_all, full_mask).transpose(1, 2).reshape(num_tokens, NUM_Q_HEADS, HEAD_DIM)
 
     elt = q.element_size()
     kv_bytes = 2 * batch * (prefix + tree_tokens) * NUM_KV_HEADS * HEAD_DIM * elt
     nbytes = kv_bytes + 2 * q.numel() * elt + batch * prefix * 4 + tree_mask.numel()
+    return run, ref, run_sdpa, nbytes
+
+
+def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
+    """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
+    dev = gen.device
+    run, ref, run_sdpa, nbytes = tree_case(batch, prefix, tree_tokens, gen, dtype)
+    err = (run(num_kv_splits, precise_pv).float() - ref.float()).abs().max().item()
+    ms = bench_ms(lambda: run(num_kv_splits, precise_pv), warmup, rep, dev.type)
+    sdpa_err = (run_sdpa().float() - ref.float()).abs().max().item()
+    sdpa_ms = bench_ms(run_sdpa, warmup, rep, dev.type)
     return {
         "kernel": "extend_attention (tree verify)",
         "precise_pv": precise_pv,

@@ -24,72 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import (  # noqa: E402
-    HEAD_DIM,
-    NUM_KV_HEADS,
-    NUM_Q_HEADS,
-    bench_ms,
-    copy_bandwidth,
-    gather_kv,
-    make_paged_cache,
-    random_tree_mask,
-    sdpa,
-)
+from bench_kernels import bench_ms, copy_bandwidth, decode_case, tree_case  # noqa: E402
 
 decode_mod = importlib.import_module("kernels.decode_attention")
 extend_mod = importlib.import_module("kernels.extend_attention")
-
-
-def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtype):
-    dev = gen.device
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, 0, gen, dtype)
-    seq_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
-    out = torch.empty_like(q)
-    ref = decode_mod.decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens,
-                                          HEAD_DIM**-0.5)  # fmt: skip
-
-    def run(splits):
-        decode_mod.decode_attention(
-            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, HEAD_DIM**-0.5, out=out,
-            num_kv_splits=splits, max_seq_len_hint=prefix,
-        )  # fmt: skip
-        return out
-
-    k = gather_kv(k_buffer, req_to_token, req_pool_indices, prefix)
-    v = gather_kv(v_buffer, req_to_token, req_pool_indices, prefix)
-    q4 = q[:, :, None, :]
-    nbytes = 2 * batch * prefix * NUM_KV_HEADS * HEAD_DIM * q.element_size()
-    return run, ref, (lambda: sdpa(q4, k, v, None)), nbytes
-
-
-def tree_case(batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, dtype: torch.dtype):
-    dev = gen.device
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, tree_tokens, gen, dtype)
-    n = batch * tree_tokens
-    q = torch.randn(n, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
-    k_new = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
-    v_new = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
-    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
-    extend_lens = torch.full((batch,), tree_tokens, dtype=torch.int32, device=dev)
-    start_loc = torch.arange(batch, dtype=torch.int32, device=dev) * tree_tokens
-    mask = random_tree_mask(batch, tree_tokens, torch.Generator().manual_seed(0)).to(dev)
-    out = torch.empty_like(q)
-    args = (q, k_new, v_new, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, start_loc,
-            tree_tokens, HEAD_DIM**-0.5)  # fmt: skip
-    ref = extend_mod.extend_attention_ref(*args, custom_mask=mask)
-
-    def run(splits):
-        extend_mod.extend_attention(*args, custom_mask=mask, out=out, num_kv_splits=splits, max_prefix_len_hint=prefix)
-        return out
-
-    to_bhld = lambda t: t.view(batch, tree_tokens, -1, HEAD_DIM).transpose(1, 2)  # noqa: E731
-    k_all = torch.cat([gather_kv(k_buffer, req_to_token, req_pool_indices, prefix), to_bhld(k_new)], 2).contiguous()
-    v_all = torch.cat([gather_kv(v_buffer, req_to_token, req_pool_indices, prefix), to_bhld(v_new)], 2).contiguous()
-    q4 = to_bhld(q).contiguous()
-    full = torch.cat([torch.ones(batch, tree_tokens, prefix, dtype=torch.bool, device=dev), mask], 2)[:, None]
-    nbytes = 2 * batch * (prefix + tree_tokens) * NUM_KV_HEADS * HEAD_DIM * q.element_size()
-    return run, ref, (lambda: sdpa(q4, k_all, v_all, full)), nbytes
 
 
 def set_config(kernel: str, cfg: dict) -> None:
