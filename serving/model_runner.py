@@ -113,14 +113,8 @@ class ModelRunner:
         )
 
     def build_decode(
-        self,
-        reqs: list[Req],
-        new_slots: torch.Tensor,
-        capture_aux=False,
-        input_ids: torch.Tensor | None = None,
-        offset: int = 0,
-        rows: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        self, reqs: list[Req], new_slots: torch.Tensor, capture_aux=False, input_ids: torch.Tensor | None = None,
+        offset: int = 0, rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
     ) -> ForwardBatch:
         """One decode step: each request's next token at position kv_len + offset into new_slots [B] (device or
         host). input_ids (device) replaces the requests' last tokens, for steps whose inputs are still on the
@@ -162,12 +156,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_greedy_steps(
-        self,
-        rows: torch.Tensor,
-        pos0: torch.Tensor,
-        grid: torch.Tensor,
-        input_ids: torch.Tensor,
-        max_len: int,
+        self, rows: torch.Tensor, pos0: torch.Tensor, grid: torch.Tensor, input_ids: torch.Tensor, max_len: int,
         capture_aux: bool = False,
     ) -> torch.Tensor:
         """K greedy decode steps back to back, all on the device: rows, pos0 (kv_len), input_ids [B], grid [K, B]
@@ -221,14 +210,8 @@ class ModelRunner:
             self.verify_graph = VerifyGraphRunner(self, self.verify_num_tokens, max_bs)
 
     @torch.inference_mode()
-    def verify(
-        self,
-        reqs: list[Req],
-        node_slots: torch.Tensor,
-        candidates: torch.Tensor,
-        positions: torch.Tensor,
-        tree_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(self, reqs: list[Req], node_slots: torch.Tensor, candidates: torch.Tensor, positions: torch.Tensor,
+               tree_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target forward over each request's N tree nodes (candidates / positions [B, N] on the device, node_slots
         [B, N], tree_mask [B, N, N]) -> (logits [B, N, V] fp32, aux [B*N, 3H]); in a CUDA graph when captured."""
         b, n = candidates.shape
@@ -242,9 +225,8 @@ class ModelRunner:
                 tree_mask,
             )
             return logits.view(b, n, -1), aux
-        fb = self.build_extend(
-            reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY, capture_aux=True, tokens=[[0] * n for _ in reqs]
-        )
+        fb = self.build_extend(reqs, list(node_slots), mode=ForwardMode.TARGET_VERIFY, capture_aux=True,
+                               tokens=[[0] * n for _ in reqs])
         fb.input_ids = candidates.reshape(-1)
         fb.positions = positions.reshape(-1)
         fb.custom_mask = tree_mask
