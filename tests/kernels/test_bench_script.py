@@ -56,3 +56,23 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
     assert report["copy_bandwidth"]["GBps"] > 0
     assert "decode_attention" in proc.stdout and "copy bandwidth" in proc.stdout
     assert plot.exists() == with_plot and (not with_plot or plot.stat().st_size > 1000)
+
+
+def test_tune_script_smoke_on_cpu(tmp_path):
+    """The launch sweep's code path on tiny shapes through the interpreter: one configuration per kernel is timed
+    and checked against its reference, then timed again, and everything lands in the JSON."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    args = ["--device", "cpu", "--out", str(out), "--batch-sizes", "2", "--prefix", "19", "--tree-tokens", "5"]
+    args += ["--seconds", "0", "--recheck", "1", "--decode-grid", "64/4/2/2"]
+    script = REPO / "benchmarks" / "tune_attention.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [(r["kernel"], r["batch"]) for r in report["results"]] == [("decode", 2), ("tree", 2)]
+    assert all(r["max_abs_err"] < 1e-2 and r["time_us"] > 0 for r in report["results"])
+    assert [r["kernel"] for r in report["rechecks"]] == ["decode", "tree"]
+    assert all(len(r["again_us"]) == 2 and all(t > 0 for t in r["again_us"]) for r in report["rechecks"])
+    assert "decode b2" in proc.stdout and "tree b2" in proc.stdout
