@@ -4,9 +4,10 @@
     TRITON_INTERPRET=1 python benchmarks/tune_attention.py --device cpu --batch-sizes 2 --prefix 19 ...  (smoke test)
 
 Decode: keys per block x warps x pipeline stages x KV splits; tree verify: query rows per program x keys per block x
-warps x stages (unsplit prefix). Each configuration is timed with triton's do_bench (L2 flushed between calls) on a
-fresh paged cache; the best few per shape are timed again on new caches to show how stable they are. SDPA on the
-gathered K/V is timed beside them, as in bench_kernels.py. Prints the best configurations per shape last.
+warps x stages (unsplit prefix). Each configuration is timed as bench_kernels.py times kernels (`bench_ms`: CUDA-graph
+replays, L2 flushed before each) on a fresh paged cache; the best few per shape are timed again on new caches to
+show how stable they are. SDPA on the gathered K/V is timed beside them. Prints the best configurations per shape
+last. (docs/results/h200_tune_attention.json predates the graph timing: eager triton do_bench.)
 """
 
 from __future__ import annotations
