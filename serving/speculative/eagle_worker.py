@@ -74,6 +74,25 @@ class _ModeRate:
 
 
 @dataclass
+class _Run:
+    """The current run of one mode: raw sums, and its first iteration's share (a speculative run's first iteration
+    also pays the draft's catch-up on the tokens committed meanwhile)."""
+
+    n: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    first_tokens: float = 0.0
+    first_seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if self.n == 0:
+            self.first_tokens, self.first_seconds = tokens, seconds
+        self.n += 1
+        self.tokens += tokens
+        self.seconds += seconds
+
+
+@dataclass
 class _BucketRates:
     """The adaptive policy's state for one batch-size bucket."""
 
@@ -85,8 +104,7 @@ class _BucketRates:
     interval: int = PROBE_EVERY
     next_probe: int = 0
     last_spec: bool = False
-    window: _ModeRate = field(default_factory=_ModeRate)  # the current speculative window, unsmoothed sums
-    run: _ModeRate = field(default_factory=_ModeRate)  # the current run of one mode, first iteration included
+    run: _Run = field(default_factory=_Run)
     min_gap: int = 0  # iterations between probes that keep the last losing probe's cost within PROBE_SHARE
 
 
@@ -230,25 +248,18 @@ class EagleWorker:
         elif rates.last_spec:
             rates.spec.add(tokens, seconds)  # a window's first iteration also pays the draft's catch-up: not a rate
         rates.steps += 1
-        if speculative != rates.last_spec or rates.run.n == 0:
-            rates.run = _ModeRate()
-        rates.run.n, rates.run.tokens, rates.run.seconds = (
-            rates.run.n + 1,
-            rates.run.tokens + tokens,
-            rates.run.seconds + seconds,
-        )
+        if speculative != rates.last_spec:
+            rates.run = _Run()
+        run = rates.run
+        run.add(tokens, seconds)
         cut = False
-        if speculative:
-            if not rates.last_spec:  # a speculative window starts; its first iteration is not judged
-                rates.window = _ModeRate(n=1)
-            else:
-                w = rates.window
-                w.n, w.tokens, w.seconds = w.n + 1, w.tokens + tokens, w.seconds + seconds
+        if speculative:  # a speculative window is judged without its first iteration
             plain = rates.plain
+            judged_tokens, judged_seconds = run.tokens - run.first_tokens, run.seconds - run.first_seconds
             cut = (
-                rates.window.n > CUT_AFTER
+                run.n > CUT_AFTER
                 and plain.n > 0
-                and rates.window.tokens * plain.seconds < CUT_RATIO * plain.tokens * rates.window.seconds
+                and judged_tokens * plain.seconds < CUT_RATIO * plain.tokens * judged_seconds
             )
         rates.last_spec = speculative
         rates.spec_measured = rates.spec_measured or rates.spec.n >= PROBE_LEN or cut
@@ -270,7 +281,7 @@ class EagleWorker:
             # A probe ran the other mode (whole, or cut short by a clear loss), and it still loses: probe half as
             # often, and at most so often that such probes cost PROBE_SHARE of the time.
             best = rates.spec if winner else rates.plain
-            lost = rates.run.seconds - rates.run.tokens * best.seconds / max(best.tokens, 1e-9)
+            lost = run.seconds - run.tokens * best.seconds / max(best.tokens, 1e-9)
             budget = math.ceil(max(lost, 0.0) / (PROBE_SHARE * best.seconds))
             rates.interval = min(max(2 * rates.interval, budget), PROBE_MAX)
             rates.next_probe = rates.steps + rates.interval
