@@ -50,15 +50,9 @@ def bench_ms(fn, warmup: int, rep: int, device: str) -> float:
 
 
 def graph_bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and allocate outside the capture
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    from serving.cuda_graph_runner import capture_graph
+
+    graph, _ = capture_graph(fn, pool=None)  # as the engine captures: warmed up on a side stream first
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
