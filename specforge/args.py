@@ -12,6 +12,9 @@ def _arg(default, help: str, flags: tuple[str, ...] = (), **kw):
     return field(default=default, metadata={"help": help, "flags": flags, **kw})
 
 
+DEFAULT_DRAFT_VOCAB = 32000  # SpecForge's draft vocabulary size
+
+
 @dataclass
 class TrainArgs:
     # model

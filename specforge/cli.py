@@ -83,12 +83,15 @@ def _run_prepare_hidden_states(ns: argparse.Namespace) -> int:
 
 
 def _add_build_vocab(sub) -> None:
+    from specforge.args import DEFAULT_DRAFT_VOCAB
+
     p = sub.add_parser("build-vocab", help="write the draft vocabulary map (d2t, t2d) of a tokenized dataset",
                        description="Counts tokens under the loss mask and keeps the draft-vocab-size most frequent; "
                                    "writes a safetensors file with d2t [Vd] and t2d [V].")
     p.add_argument("--train-data-path", "--data-path", dest="data_path", required=True)
     p.add_argument("--target-model-path", default=None)
-    p.add_argument("--draft-vocab-size", type=int, default=32000, help="[default: 32000]")
+    p.add_argument("--draft-vocab-size", type=int, default=DEFAULT_DRAFT_VOCAB,
+                   help=f"[default: {DEFAULT_DRAFT_VOCAB}]")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--chat-template", default=None)
     p.add_argument("--output", required=True, help="safetensors file to write")

@@ -27,7 +27,7 @@ from specbundle.checkpoint import load_draft, save_draft
 from specbundle.config import DraftConfig, DraftConfigError
 from specbundle.modeling import Eagle3DraftModel
 from specforge import train_state
-from specforge.args import TrainArgs
+from specforge.args import DEFAULT_DRAFT_VOCAB, TrainArgs
 from specforge.core import Eagle3TrainModule, accept_length, prepare_targets, weighted_loss
 from specforge.hidden_states import HiddenStatesDataset
 from specforge.target import TargetModel, load_tokenizer, resolve_dtype
@@ -221,9 +221,6 @@ def collate(rows, indices: list[int], pad_to: int) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------- model
-DEFAULT_DRAFT_VOCAB = 32000  # SpecForge's draft vocabulary size
-
-
 def build_draft_config(args: TrainArgs, target_config: dict, vocab_size: int) -> DraftConfig:
     if args.draft_model_config:
         cfg = DraftConfig.from_file(args.draft_model_config)
