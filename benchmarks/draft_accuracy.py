@@ -21,6 +21,8 @@ import torch
 from specbundle.checkpoint import load_draft
 from specforge.core import Eagle3TrainModule, accept_length, prepare_targets
 
+MAX_LENGTH = 2048  # as the recipes train
+
 
 def mtbench_answers(num_prompts: int, max_tokens: int) -> list[tuple[list[int], list[int]]]:
     from serving.bench import load_prompts
@@ -39,7 +41,10 @@ def mtbench_answers(num_prompts: int, max_tokens: int) -> list[tuple[list[int], 
 
 
 def conversation_answers(path: str, limit: int, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt, answer) token ids of each row's first assistant turn, tokenized as training tokenizes it (the
+    answer is the loss-masked span: content and end-of-turn token)."""
     from specforge.data.formats import RowError, read_normalized
+    from specforge.data.template import tokenize_conversation
 
     out = []
     for _, row in read_normalized(path):
@@ -49,11 +54,12 @@ def conversation_answers(path: str, limit: int, tokenizer) -> list[tuple[list[in
         first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
         if first is None:
             continue
-        rendered = tokenizer.apply_chat_template(msgs[:first], tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(msgs[first]["content"], add_special_tokens=False)["input_ids"][:1024]
-        if answer:
-            out.append((prompt, answer))
+        tok = tokenize_conversation(tokenizer, msgs[: first + 1], MAX_LENGTH)
+        mask = tok["loss_mask"]
+        if 1 not in mask:
+            continue
+        start, end = mask.index(1), len(mask) - mask[::-1].index(1)
+        out.append((tok["input_ids"][:start], tok["input_ids"][start:end]))
         if len(out) >= limit:
             break
     return out
