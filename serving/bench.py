@@ -192,13 +192,14 @@ async def run_online(
     concurrency: int,
     request_rate: float,
     api_key: str | None = None,
+    progress: bool = True,
 ) -> dict:
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     sem = asyncio.Semaphore(concurrency)
     outputs, stamps = [], {}
-    bar = tqdm(total=len(prompts), desc=f"online c={concurrency}", leave=False)
+    bar = tqdm(total=len(prompts), desc=f"online c={concurrency}", leave=False, disable=not progress)
     rng = random.Random(0)
 
     @dataclasses.dataclass
@@ -329,13 +330,22 @@ def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
     return engine
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median output tokens/s (the lower middle one for an even count), with every run's rate."""
+    ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats_output_tokens_per_s": [r["output_tokens_per_s"] for r in runs]}
+
+
 def cmd_offline(args) -> dict:
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     args.kv_tokens_per_request = 4096
     plain0 = _engine(args, False, 1)
     target = plain0.target
     prompts = load_prompts(args.dataset, args.num_prompts, plain0.tokenizer, random_len=args.random_input_len)
     args.kv_tokens_per_request = max(len(p) for p in prompts) + args.max_tokens + 64
+    speculative = bool(args.speculative or args.speculative_draft_model_path)
     rows = []
     results = {
         "config": {k: v for k, v in vars(args).items() if k != "func"},
@@ -344,28 +354,38 @@ def cmd_offline(args) -> dict:
     }
     acceptance = None
     for batch in batches:
+        engines = {"plain": _engine(args, False, batch, target)}
+        if speculative:
+            engines["speculative"] = _engine(args, True, batch, target)
         # A full batch of warm-up requests compiles and captures what this batch size needs, for both systems,
-        # outside the timed run; the prefix cache is emptied so that the timed run prefills every prompt.
+        # outside the timed runs; the prefix cache is emptied before each timed run so that it prefills every prompt.
         warm = prompts[: min(max(4, batch), len(prompts))]
-        plain = _engine(args, False, batch, target)
-        run_offline(plain, warm, 16, progress=False)
-        plain.flush_cache()
-        base = run_offline(plain, prompts, args.max_tokens, progress=not args.quiet)
+        for eng in engines.values():
+            run_offline(eng, warm, 16, progress=False)
+            eng.metrics = EngineMetrics(eng.model_name)  # acceptance figures without the warm-up
+        # With --repeats N the systems alternate N times (plain, speculative, plain, ...): a drift of the machine's
+        # speed during the run then reaches both alike. Each system reports its median run; the speedup is the
+        # median of the paired per-repeat ratios.
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for _ in range(args.repeats):
+            for name, eng in engines.items():
+                eng.flush_cache()
+                runs[name].append(run_offline(eng, prompts, args.max_tokens, progress=not args.quiet))
+        base = _median_run(runs["plain"])
         rows.append({"system": "plain", "batch": batch, **base, "speedup": 1.0})
-        del plain
-        if args.speculative or args.speculative_draft_model_path:
-            spec = _engine(args, True, batch, target)
-            run_offline(spec, warm, 16, progress=False)
-            spec.flush_cache()
-            spec.metrics = EngineMetrics(spec.model_name)  # acceptance figures without the warm-up
-            res = run_offline(spec, prompts, args.max_tokens, progress=not args.quiet)
-            res["speedup"] = res["output_tokens_per_s"] / base["output_tokens_per_s"]
+        if speculative:
+            spec = engines["speculative"]
+            res = _median_run(runs["speculative"])
+            ratios = sorted(s["output_tokens_per_s"] / p["output_tokens_per_s"]
+                            for s, p in zip(runs["speculative"], runs["plain"]))  # fmt: skip
+            res["speedup"] = ratios[(len(ratios) - 1) // 2] if args.repeats > 1 else ratios[0]
+            res["repeats_speedup"] = ratios
             res["spec_config"] = spec.spec_worker.describe()
             res["acceptance_per_position"] = acceptance_per_position(spec)
             if batch == batches[0]:
                 acceptance = res["acceptance_per_position"]
             rows.append({"system": "speculative", "batch": batch, **res})
-            del spec
+        del engines
     if args.hf_baseline:
         hf = hf_generate_baseline(args.model, prompts[: args.hf_baseline], args.max_tokens, plain0.device, args.dtype)
         rows.append({"system": "transformers generate", "batch": 1, **hf})
@@ -395,7 +415,8 @@ def cmd_online(args) -> dict:
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         res = asyncio.run(
-            run_online(args.base_url, model, prompts, args.max_tokens, c, args.request_rate, args.api_key)
+            run_online(args.base_url, model, prompts, args.max_tokens, c, args.request_rate, args.api_key,
+                       progress=not args.quiet)
         )
         rows.append({"system": f"online {model}"[:26], "batch": c, **res})
     return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
@@ -463,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-input-len", type=int, default=128)
     p.add_argument("--batch-sizes", default="1", help="comma list (offline): max running requests per run")
     p.add_argument("--always-speculate", action="store_true", help="speculate at every batch size in the list")
+    p.add_argument("--repeats", type=int, default=1, help="offline: timed runs per system, alternating (median)")
     p.add_argument("--concurrency", default="1", help="comma list (online)")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (online; Poisson)")
     p.add_argument("--base-url", default="http://127.0.0.1:30000", help="online: server address")

@@ -28,8 +28,14 @@ def no_gc():
             gc.enable()
 
 
+# Captures so far in this process: an engine iteration that captured (and compiled) is no sample of its speed.
+captures = 0
+
+
 def capture_graph(fn, pool):
     """(graph, fn's outputs): fn run twice on a side stream (Triton compiles, allocations settle), then captured."""
+    global captures
+    captures += 1
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -12,6 +12,7 @@ from collections import deque
 
 import torch
 
+from serving import cuda_graph_runner
 from serving.config import EngineConfig
 from serving.model_runner import ModelRunner
 from serving.models.loader import LoadedTarget, load_target
@@ -322,9 +323,11 @@ class Engine:
     def _run_decode(self) -> None:
         reqs = list(self.running)
         before = sum(len(r.output_ids) for r in reqs)
+        captures = cuda_graph_runner.captures
         start = time.perf_counter()
         speculative = self._decode_step()
-        if self.spec_worker is not None:
+        # An iteration that captured a CUDA graph (a new batch or width bucket) timed a one-off cost, not a rate.
+        if self.spec_worker is not None and cuda_graph_runner.captures == captures:
             committed = sum(len(r.output_ids) for r in reqs) - before
             self.spec_worker.record(speculative, len(reqs), committed, time.perf_counter() - start)
 

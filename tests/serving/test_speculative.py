@@ -444,6 +444,30 @@ def test_adaptive_policy_probes_when_a_request_joins(tmp_path):
     assert all(step() for _ in range(PROBE_LEN - 1)) and not step()
 
 
+def test_iterations_that_capture_a_cuda_graph_are_not_rate_samples(tmp_path, monkeypatch):
+    """A graph capture (a new batch or prefix-width bucket) costs far more than the iteration it serves: the
+    adaptive policy must not take it for that mode's speed."""
+    from serving import cuda_graph_runner
+
+    hf, target = tiny_target(vocab=8, layers=4)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    engine = Engine(EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **CHAIN), target)
+    recorded, iterations = [], []
+    monkeypatch.setattr(engine.spec_worker, "record", lambda *args: recorded.append(len(iterations)))
+    decode_step = engine._decode_step
+
+    def step():
+        iterations.append(None)
+        if len(iterations) in (2, 5):
+            cuda_graph_runner.captures += 1  # what capture_graph counts
+        return decode_step()
+
+    monkeypatch.setattr(engine, "_decode_step", step)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(iterations) == 7  # one token from the prefill, then one per plain decode step
+    assert recorded == [1, 3, 4, 6, 7]
+
+
 def test_adaptive_policy_costs_little_where_speculation_loses(tmp_path):
     """The H200 batch-1 regime of docs/benchmarks.md, simulated: a plain round commits 8 tokens in 8 ms, a
     speculative iteration 1.8 tokens in 11 ms (the first of a window 15 ms, with the draft's catch-up); 80 requests

@@ -1,0 +1,88 @@
+"""`specserve bench` end to end on the real SmolLM2 model and its bundled draft (CPU, fp32, few short prompts):
+offline rows and JSON, alternating repeats, plots, the config sweep into bundle.json, and online mode over HTTP."""
+
+import json
+import shutil
+
+import pytest
+
+from serving import bench
+from specbundle.bundle import BundleMetadata, verify_bundle
+from specbundle.resolve import resolve_draft
+from tests.serving.server_utils import RunningServer
+
+CPU = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096", "--quiet"]
+
+
+def test_offline_bench_alternates_repeats_and_writes_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "res" / "bench.json"
+    rc = bench.main(
+        ["--speculative", "--disable-speculative-adaptive", "--batch-sizes", "1,2", "--num-prompts", "2",
+         "--max-tokens", "8", "--repeats", "3", "--out", str(out), "--plot-dir", str(tmp_path / "plots"), *CPU]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(r["system"], r["batch"]) for r in rows] == [
+        ("plain", 1), ("speculative", 1), ("plain", 2), ("speculative", 2)
+    ]  # fmt: skip
+    for plain, spec in zip(rows[::2], rows[1::2]):
+        for row in (plain, spec):
+            assert row["requests"] == 2 and row["output_tokens"] == 16
+            rates = row["repeats_output_tokens_per_s"]
+            assert len(rates) == 3 and row["output_tokens_per_s"] == sorted(rates)[1]
+            assert row["ttft_s"]["p50"] > 0 and row["itl_s"]["p50"] > 0
+        ratios = [s / p for s, p in zip(spec["repeats_output_tokens_per_s"], plain["repeats_output_tokens_per_s"])]
+        assert spec["repeats_speedup"] == pytest.approx(sorted(ratios))
+        assert spec["speedup"] == pytest.approx(sorted(ratios)[1])
+        assert spec["accept_length"] >= 1.0 and spec["spec_config"] == "num_steps=3 topk=1 num_draft_tokens=4"
+        assert len(spec["acceptance_per_position"]) == 3
+    assert res["acceptance_per_position"] == rows[1]["acceptance_per_position"]
+    assert sorted(p.split("/")[-1] for p in res["plots"]) == ["acceptance_per_position.png", "speedup_vs_batch.png"]
+    assert all((tmp_path / "plots" / name).stat().st_size > 0 for name in ["speedup_vs_batch.png"])
+    table = capsys.readouterr().out
+    assert "speculative" in table and "TTFT p50" in table
+
+
+def test_bench_rejects_a_repeat_count_below_one():
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        bench.main(["--repeats", "0", *CPU])
+
+
+def test_sweep_writes_the_fastest_config_into_the_bundle(tmp_path):
+    folder = tmp_path / "draft"
+    shutil.copytree(resolve_draft("HuggingFaceTB/SmolLM2-135M-Instruct", None), folder)
+    out = tmp_path / "sweep.json"
+    rc = bench.main(
+        ["sweep", "--speculative-draft-model-path", str(folder), "--num-prompts", "2", "--max-tokens", "8",
+         "--candidates", "1,1,2;2,2,4", "--write-bundle", "--out", str(out), *CPU]
+    )  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [(t["num_steps"], t["eagle_topk"], t["num_draft_tokens"]) for t in res["trials"]] == [(1, 1, 2), (2, 2, 4)]
+    best = max(res["trials"], key=lambda t: t["output_tokens_per_s"])
+    assert res["best"] == best
+    spec = BundleMetadata.from_file(folder).speculative
+    assert (spec.num_steps, spec.eagle_topk, spec.num_draft_tokens) == (
+        best["num_steps"], best["eagle_topk"], best["num_draft_tokens"]
+    )  # fmt: skip
+    verify_bundle(folder)  # the weights' recorded hashes still hold
+
+
+def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm2_folder):
+    from serving.config import EngineConfig
+    from serving.engine import Engine
+
+    engine = Engine(EngineConfig(device="cpu", dtype="float32", max_total_tokens=4096), smollm2_target)
+    out = tmp_path / "online.json"
+    with RunningServer(engine) as server:
+        rc = bench.main(
+            ["--mode", "online", "--base-url", server.url, "--tokenizer", str(smollm2_folder), "--num-prompts", "3",
+             "--max-tokens", "6", "--concurrency", "1,3", "--out", str(out), "--quiet"]
+        )  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["requests"] == 3 and r["output_tokens"] == 18
+        assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
