@@ -50,6 +50,8 @@ class TrainArgs:
     total_steps: int | None = _arg(None, "LR schedule length (default: num_epochs * steps per epoch)")
     batch_size: int = _arg(1, "sequences per GPU per micro-step")
     draft_accumulation_steps: int = _arg(1, "micro-steps per optimizer step")
+    group_by_length: bool = _arg(False, "batch rows of similar lengths together (less padding: faster steps); the "
+                                 "batches of an epoch still come in random order", action="store_true")
     learning_rate: float = _arg(1e-4, "peak learning rate (AdamW)")
     max_length: int = _arg(2048, "tokens per sequence (longer ones are truncated)")
     warmup_ratio: float = _arg(0.015, "linear warmup fraction of --total-steps, then cosine decay to 0")

@@ -31,25 +31,50 @@ LOSS_DECAY = 0.8
 
 
 class TTTAttention:
-    """attn_ctx for `Eagle3DraftModel.forward` over a flattened [B*T] batch: caches every step's K/V."""
+    """attn_ctx for `Eagle3DraftModel.forward` over a flattened [B*T] batch: caches every step's K/V.
 
-    def __init__(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor):
+    fused (default: on CUDA in bf16/fp16) computes each step as flash attention over the step-0 keys (causal), merged
+    with the per-position keys of steps 1..i through their log-sum-exp (`_CausalPlusDiagonal`): no [T, T] score
+    matrix is kept. Rows of padding positions then differ from the unfused path (they see padded keys), which changes
+    nothing that is scored: padding is masked out of the loss and no real position attends to it.
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, attention_mask: torch.Tensor, fused: bool | None = None):
         self.batch_size, self.seq_len = batch_size, seq_len
-        valid = attention_mask.bool()  # [B, T]
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=valid.device).tril()
-        self.causal_mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, T(q), T(k)]
-        self.diag_mask = valid[:, None, :]  # [B, 1, T]
-        self.keys: list[torch.Tensor] = []  # each [B, Hq, T, D]
+        self.valid = attention_mask.bool()  # [B, T]
+        self.fused = fused
+        self.causal_mask: torch.Tensor | None = None  # [B, 1, T(q), T(k)], unfused only
+        self.keys: list[torch.Tensor] = []  # each [B, Hq, T, D] (unfused) / [B, Hkv, T, D] (fused)
         self.values: list[torch.Tensor] = []
+
+    def use_fused(self, q: torch.Tensor) -> bool:
+        if self.fused is None:
+            self.fused = q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+        if not self.fused and self.causal_mask is None:
+            causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool, device=q.device).tril()
+            self.causal_mask = (causal[None] & self.valid[:, None, :])[:, None]
+        return self.fused
 
 
 def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: TTTAttention) -> torch.Tensor:
     """q [B*T, Hq, D], k/v [B*T, Hkv, D] of the current step -> [B*T, Hq, D]; appends k/v to ctx's cache."""
     b, t = ctx.batch_size, ctx.seq_len
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    g = hq // hkv
     q = q.view(b, t, hq, d).transpose(1, 2)  # [B, Hq, T, D]
-    k = k.view(b, t, hkv, d).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-    v = v.view(b, t, hkv, d).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    if ctx.use_fused(q):
+        ctx.keys.append(k.view(b, t, hkv, d).transpose(1, 2))
+        ctx.values.append(v.view(b, t, hkv, d).transpose(1, 2))
+        k0, v0 = (x.repeat_interleave(g, dim=1).contiguous() for x in (ctx.keys[0], ctx.values[0]))
+        if len(ctx.keys) > 1:
+            kd = torch.stack(ctx.keys[1:], dim=3).repeat_interleave(g, dim=1)  # [B, Hq, T, S, D]
+            vd = torch.stack(ctx.values[1:], dim=3).repeat_interleave(g, dim=1)
+        else:
+            kd = vd = q.new_zeros(b, hq, t, 0, d)
+        out = _CausalPlusDiagonal.apply(q.contiguous(), k0, v0, kd, vd, d**-0.5)
+        return out.transpose(1, 2).reshape(b * t, hq, d)
+    k = k.view(b, t, hkv, d).transpose(1, 2).repeat_interleave(g, dim=1)
+    v = v.view(b, t, hkv, d).transpose(1, 2).repeat_interleave(g, dim=1)
     ctx.keys.append(k)
     ctx.values.append(v)
     scale = d**-0.5
@@ -57,13 +82,77 @@ def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: TTTAtt
     scores = scores.masked_fill(~ctx.causal_mask, float("-inf"))
     if len(ctx.keys) > 1:
         diag = torch.stack([(q * ki).sum(-1) for ki in ctx.keys[1:]], dim=-1) * scale  # [B, Hq, T, S]
-        diag = diag.masked_fill(~ctx.diag_mask[..., None], float("-inf"))
+        diag = diag.masked_fill(~ctx.valid[:, None, :, None], float("-inf"))
         scores = torch.cat([scores, diag], dim=-1)
     probs = scores.float().softmax(-1).to(q.dtype)
     out = torch.matmul(probs[..., :t], ctx.values[0])  # [B, Hq, T, D]
     for s, vs in enumerate(ctx.values[1:]):
         out = out + probs[..., t + s, None] * vs
     return out.transpose(1, 2).reshape(b * t, hq, d)
+
+
+def _flash_forward(q, k, v, scale):
+    """Causal flash attention, q/k/v [B, H, T, D] -> (out, lse [B, H, T] fp32 natural log, what backward needs)."""
+    if q.device.type == "cuda":
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False, scale=scale)
+        return out, lse, (cq, ck, mq, mk, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, lse, None
+
+
+def _flash_backward(grad, q, k, v, out, lse, state, scale):
+    if state is not None:
+        cq, ck, mq, mk, seed, offset = state
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, cq, ck, mq, mk, 0.0, True, seed, offset, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, lse, 0.0, True, scale=scale)
+
+
+class _CausalPlusDiagonal(torch.autograd.Function):
+    """softmax over [causal step-0 keys, S keys at the query's own position] as flash attention plus a merge.
+
+    q/k0/v0 [B, H, T, D], kd/vd [B, H, T, S, D]. With lse_c the causal part's log-sum-exp, d_s = scale q.kd_s and
+    lse = logaddexp(lse_c, logsumexp_s d_s): out = a O_c + sum_s p_s vd_s, a = exp(lse_c - lse), p_s = exp(d_s - lse).
+    Backward: the causal scores' gradients are a p^c_j (g.v_j - g.out); flash backward given the gradient a g and the
+    merged out (its row term is rowsum(grad * out)) computes exactly those, so no [T, T] matrix is ever formed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k0, v0, kd, vd, scale):
+        with torch.autocast(q.device.type, enabled=False):
+            o_c, lse_c, state = _flash_forward(q, k0, v0, scale)
+            if kd.shape[3]:
+                d = (q.float().unsqueeze(3) * kd.float()).sum(-1) * scale  # [B, H, T, S]
+                lse = torch.logaddexp(lse_c, d.logsumexp(-1))
+                a, p = torch.exp(lse_c - lse), torch.exp(d - lse[..., None])
+                out = (a[..., None] * o_c.float() + (p[..., None] * vd.float()).sum(3)).to(q.dtype)
+            else:
+                lse, out = lse_c, o_c
+        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse_c, lse)
+        ctx.state, ctx.scale = state, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k0, v0, kd, vd, out, lse_c, lse = ctx.saved_tensors
+        scale = ctx.scale
+        with torch.autocast(q.device.type, enabled=False):
+            grad = grad.contiguous()
+            a = torch.exp(lse_c - lse)
+            dq, dk0, dv0 = _flash_backward((grad.float() * a[..., None]).to(q.dtype), q, k0, v0, out.contiguous(),
+                                           lse_c, ctx.state, scale)
+            dkd = dvd = None
+            if kd.shape[3]:
+                g = grad.float().unsqueeze(3)  # [B, H, T, 1, D]
+                p = torch.exp((q.float().unsqueeze(3) * kd.float()).sum(-1) * scale - lse[..., None])  # [B, H, T, S]
+                delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # [B, H, T, 1]
+                ds = p * ((g * vd.float()).sum(-1) - delta)
+                dq = (dq.float() + (ds[..., None] * kd.float()).sum(3) * scale).to(q.dtype)
+                dkd = (ds[..., None] * q.float().unsqueeze(3) * scale).to(kd.dtype)
+                dvd = (p[..., None] * g).to(vd.dtype)
+        return dq, dk0, dv0, dkd, dvd, None
 
 
 def ttt_mask(seq_len: int, step: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,12 +202,13 @@ class Eagle3TrainModule(nn.Module):
     (loss-mask positions, the accuracy denominator as SpecForge takes it).
     """
 
-    def __init__(self, draft: Eagle3DraftModel, ttt_length: int = 7):
+    def __init__(self, draft: Eagle3DraftModel, ttt_length: int = 7, fused_attention: bool | None = None):
         super().__init__()
         if ttt_length < 1:
             raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
         self.draft = draft
         self.ttt_length = ttt_length
+        self.fused_attention = fused_attention  # None: TTTAttention's default for the device and dtype
 
     def forward(
         self,
@@ -135,7 +225,7 @@ class Eagle3TrainModule(nn.Module):
             aux_hidden = aux_hidden.to(dtype)
         embeds = F.pad(input_embeds[:, 1:].to(dtype), (0, 0, 0, self.ttt_length))  # [B, T-1+K, H]: x_{t+1}, ...
         positions = torch.arange(t, device=input_embeds.device).repeat(b)  # [B*T]
-        ctx = TTTAttention(b, t, attention_mask)
+        ctx = TTTAttention(b, t, attention_mask, self.fused_attention)
         hidden = aux_hidden.reshape(b * t, -1)
         plosses, correct, counted = [], [], []
         for i in range(self.ttt_length):

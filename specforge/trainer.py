@@ -187,14 +187,29 @@ def holdout_split(n: int, holdout: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[count:]), sorted(perm[:count])
 
 
-def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+# Length grouping: sort each run of LENGTH_GROUP_BATCHES global batches of the shuffled order by length (as
+# transformers' group_by_length does with its mega-batches of 50), so that a batch pads its rows to similar lengths.
+LENGTH_GROUP_BATCHES = 50
+
+
+def epoch_batches(n: int, global_batch: int, seed: int, epoch: int, shuffle: bool = True,
+                  lengths: list[int] | None = None) -> list[list[int]]:
     """Global batches of one epoch; training drops the remainder so every rank runs the same number of steps.
 
-    Without shuffling (evaluation) the last batch is filled with -1 (dummy rows that count for nothing).
+    With lengths (training with --group-by-length), rows of similar lengths share batches, and the batches come in
+    shuffled order. Without shuffling (evaluation) the last batch is filled with -1 (dummy rows that count for
+    nothing).
     """
     if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        return [order[k * global_batch:(k + 1) * global_batch] for k in range(n // global_batch)]
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+        if lengths is not None:
+            mega = global_batch * LENGTH_GROUP_BATCHES
+            order = [i for k in range(0, n, mega) for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
+        batches = [order[k * global_batch:(k + 1) * global_batch] for k in range(n // global_batch)]
+        if lengths is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
     order = list(range(n)) + [-1] * (-n % global_batch)
     return [order[k:k + global_batch] for k in range(0, len(order), global_batch)]
 
@@ -448,6 +463,11 @@ class Trainer:
         state_dir = latest / train_state.STATE_DIR
         st = train_state.load_json(state_dir / "trainer_state.json")
         accum = self.args.draft_accumulation_steps
+        grouped = st.get("args", {}).get("group_by_length", False)
+        if grouped != self.args.group_by_length:
+            raise train_state.CheckpointError(
+                f"{latest} was trained {'with' if grouped else 'without'} --group-by-length; resuming "
+                f"{'with' if self.args.group_by_length else 'without'} it would change the data order")
         if st["global_batch"] != self.global_batch or st["draft_accumulation_steps"] != accum:
             raise train_state.CheckpointError(
                 f"{latest} was trained with global batch {st['global_batch']} x accumulation "
@@ -518,7 +538,8 @@ class Trainer:
         # Throughput over training steps only (eval and checkpoint time excluded), for the logs.
         self._throughput = {"seconds": 0.0, "samples": 0, "tokens": 0}
         while not done and self.epoch < args.num_epochs:
-            batches = epoch_batches(len(self.train_rows), self.global_batch, args.seed, self.epoch)
+            batches = epoch_batches(len(self.train_rows), self.global_batch, args.seed, self.epoch,
+                                    lengths=self.train_rows.lengths if args.group_by_length else None)
             usable = len(batches) - len(batches) % accum
             self.module.train()
             while self.micro_in_epoch < usable:

@@ -110,10 +110,12 @@ def test_online_training_learns_and_saves_an_sglang_draft(assets):
     assert not any(p.name.endswith(".pt") for p in ckpt.rglob("*"))  # no pickles anywhere
 
 
-def test_resume_after_stop_matches_unbroken_run(assets):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_after_stop_matches_unbroken_run(assets, grouped):
     base = ["--data-path", str(assets["data"]), "--num-epochs", "2", "--save-interval", "100",
             "--draft-accumulation-steps", "2", "--batch-size", "2", "--seed", "3"]
-    full, broken = assets["root"] / "full", assets["root"] / "broken"
+    base += ["--group-by-length"] if grouped else []
+    full, broken = assets["root"] / f"full{grouped}", assets["root"] / f"broken{grouped}"
     assert main(common(assets, full, *base)) == 0  # 40 rows / (2 x 2) = 10 optimizer steps per epoch
     assert main(common(assets, broken, *base, "--max-num-steps", "13")) == 0  # stops mid epoch 1
     state = json.loads((broken / "epoch_1_step_13" / "training_state" / "trainer_state.json").read_text())
@@ -130,6 +132,27 @@ def test_resume_after_stop_matches_unbroken_run(assets):
     lr_a = [r["lr"] for r in metrics(full, "train")]
     lr_b = [r["lr"] for r in metrics(broken, "train")]
     assert lr_a == lr_b
+
+
+def test_length_grouped_batches_pad_less_and_keep_every_row_once():
+    from specforge.trainer import epoch_batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 2000, (3000,), generator=g).tolist()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = epoch_batches(3000, 16, seed=0, epoch=0)
+    grouped = epoch_batches(3000, 16, seed=0, epoch=0, lengths=lengths)
+    assert len(grouped) == len(plain) == 187 and all(len(b) == 16 for b in grouped)
+    flat = [i for b in grouped for i in b]
+    assert len(set(flat)) == len(flat) == 187 * 16
+    assert padding(grouped) < 0.05 * padding(plain)
+    assert grouped == epoch_batches(3000, 16, seed=0, epoch=0, lengths=lengths)  # deterministic: resumable
+    assert grouped != epoch_batches(3000, 16, seed=0, epoch=1, lengths=lengths)
+    order = [max(lengths[i] for i in b) for b in grouped]
+    assert order != sorted(order) and order != sorted(order, reverse=True)  # batches in random order
 
 
 def test_offline_training_matches_online(assets):
@@ -179,6 +202,8 @@ def test_bad_inputs_fail_with_clear_errors(assets, tmp_path):
     assert main(common(assets, out, "--data-path", str(assets["data"]), "--max-num-steps", "2")) == 0
     with pytest.raises(CheckpointError, match="global batch 4"):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--batch-size", "2"))
+    with pytest.raises(CheckpointError, match="without --group-by-length"):
+        main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--group-by-length"))
     (out / "epoch_0_step_2" / "training_state" / "trainer_state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume"))

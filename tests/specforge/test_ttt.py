@@ -59,6 +59,28 @@ def test_ttt_attention_equals_dense_attention_with_explicit_mask(hq, hkv):
             torch.testing.assert_close(out[bi], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2)])
+def test_fused_ttt_attention_matches_the_unfused_one_with_gradients(hq, hkv):
+    """The flash + log-sum-exp merge path (on CPU through torch's CPU flash kernels) against the explicit one: the
+    outputs and every input's gradient at real positions, over 4 steps, with padding."""
+    torch.manual_seed(0)
+    b, t, d, steps = 2, 7, 8, 4
+    attn = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
+    real = attn.bool().view(-1)
+    inputs = [[torch.randn(b * t, h, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv)]
+              for _ in range(steps)]
+    weights = torch.randn(steps, b * t, hq, d, dtype=torch.float64)
+    results = {}
+    for fused in (False, True):
+        ctx = TTTAttention(b, t, attn, fused=fused)
+        outs = [ttt_attention(q, k, v, ctx) for q, k, v in inputs]
+        loss = sum((o * w)[real].sum() for o, w in zip(outs, weights))
+        grads = torch.autograd.grad(loss, [x for step in inputs for x in step])
+        results[fused] = ([o[real] for o in outs], [g.view(b * t, -1)[real] for g in grads])
+    for got, want in zip(sum(results[True], []), sum(results[False], [])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the unfused softmax runs in fp32
+
+
 def _tiny_draft(vocab=32, draft_vocab=16, hidden=32):
     cfg = DraftConfig(hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                       vocab_size=vocab, draft_vocab_size=draft_vocab, max_position_embeddings=64)
@@ -106,7 +128,8 @@ def _reference_ttt(draft, embeds, aux, logits, loss_mask, lengths, k):
     return plosses / (b * t), correct, counted
 
 
-def test_ttt_loss_and_accuracy_match_explicit_reference():
+@pytest.mark.parametrize("fused", [False, True])
+def test_ttt_loss_and_accuracy_match_explicit_reference(fused):
     torch.manual_seed(1)
     draft = _tiny_draft()
     b, t, k = 2, 6, 3
@@ -116,7 +139,7 @@ def test_ttt_loss_and_accuracy_match_explicit_reference():
     attn = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).long()
     loss_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0]])
     tg = prepare_targets(logits, draft.t2d, loss_mask, attn, k)
-    module = Eagle3TrainModule(draft, k)
+    module = Eagle3TrainModule(draft, k, fused_attention=fused)
     plosses, correct, counted = module(embeds, aux, tg.target_p, tg.position_mask, tg.loss_mask, attn)
     ref_loss, ref_correct, ref_counted = _reference_ttt(draft, embeds, aux, logits, loss_mask, lengths, k)
     torch.testing.assert_close(plosses, ref_loss, rtol=1e-4, atol=1e-5)
