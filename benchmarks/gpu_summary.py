@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
             lines.append(
                 f"| {name[5:-5]} b{r['batch']} {r.get('spec_config', '')} | "
                 f"{r['output_tokens_per_s']:.0f} tok/s, {r['speedup']:.2f}x, "
-                f"accept {r.get('accept_length', float('nan')):.2f} |"
+                f"accept {r.get('accept_length') or float('nan'):.2f} |"
             )
     print("\n".join(lines))
     return 0

@@ -3,7 +3,8 @@
 #   bash benchmarks/run_gpu.sh [OUT_DIR]        (default: bench_out/)
 # Kernels at Llama-3.1-8B shapes, the SmolLM2 engine (decode speed, greedy agreement with the torch path,
 # transformers baseline), Llama-3.1-8B-shape step costs, and speculative serving with the bundled draft over the 80
-# MT-Bench questions (adaptive default at batch 1/4/16/64; forced chain 3/1/4 and tree 6/8/32 for accept lengths).
+# MT-Bench questions (adaptive default at batch 1/4/16/64, three alternating runs per system; forced chain 3/1/4 and
+# tree 6/8/32 for accept lengths).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench_out}"
@@ -21,7 +22,7 @@ step() {
 step kernels python3 benchmarks/bench_kernels.py --out "$OUT/h200_kernels.json"
 step engine python3 benchmarks/bench_gpu.py --out "$OUT/h200_engine.json"
 step speculative python3 -m serving.cli bench --speculative --batch-sizes 1,4,16,64 --num-prompts 80 \
-    --max-tokens 128 --out "$OUT/h200_speculative.json" --plot-dir "$OUT" --quiet
+    --max-tokens 128 --repeats 3 --out "$OUT/h200_speculative.json" --plot-dir "$OUT" --quiet
 step chain python3 -m serving.cli bench --speculative --disable-speculative-adaptive --always-speculate \
     --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4 --batch-sizes 1,16 \
     --num-prompts 80 --max-tokens 128 --out "$OUT/h200_accept_chain.json" --quiet

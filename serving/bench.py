@@ -139,8 +139,9 @@ def summarize(outputs, elapsed, stamps, start) -> dict:
         steps = sum(s.num_verify_steps for s in specs)
         acc = sum(s.num_accepted_tokens for s in specs)
         drafted = sum(s.num_draft_tokens for s in specs)
-        result["accept_length"] = (acc + steps) / steps if steps else 0.0
-        result["accept_rate"] = acc / drafted if drafted else 0.0
+        # None when the run never speculated (adaptive mode decoding plainly throughout)
+        result["accept_length"] = (acc + steps) / steps if steps else None
+        result["accept_rate"] = acc / drafted if drafted else None
     return result
 
 
@@ -457,7 +458,7 @@ def cmd_sweep(args) -> dict:
         )
         print(
             f"steps={steps} topk={topk} draft_tokens={ntok}: {res['output_tokens_per_s']:.1f} tok/s "
-            f"({trials[-1]['speedup']:.2f}x), accept {res.get('accept_length', 0):.2f}"
+            f"({trials[-1]['speedup']:.2f}x), accept {(res.get('accept_length') or float('nan')):.2f}"
         )
         draft_path = eng.spec_worker.draft_path
     best = max(trials, key=lambda t: t["output_tokens_per_s"])

@@ -86,3 +86,21 @@ def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm
     for r in rows:
         assert r["requests"] == 3 and r["output_tokens"] == 18
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
+
+
+def test_spec_phases_script_splits_an_iteration(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "spec_phases.py"
+    spec = importlib.util.spec_from_file_location("spec_phases", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "phases.json"
+    assert module.main(["--device", "cpu", "--num-prompts", "1", "--max-tokens", "8", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["config"] == "3,1,4" and r["iterations"] > 0 and r["tokens"] == 8
+    phases = r["phase_ms"]
+    assert {"_grow_tree", "verify", "_draft_extend", "decode_step"} <= set(phases)
+    inside = sum(v for k, v in phases.items() if k not in ("decode_step", "_commit", "_draft_extend"))
+    assert 0 < inside < phases["decode_step"] <= r["synced_ms_per_iteration"]

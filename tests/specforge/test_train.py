@@ -155,6 +155,24 @@ def test_length_grouped_batches_pad_less_and_keep_every_row_once():
     assert order != sorted(order) and order != sorted(order, reverse=True)  # batches in random order
 
 
+def test_train_throughput_script_times_every_case(assets, tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "tp.json"
+    flags = common(assets, tmp_path / "o", "--data-path", str(assets["data"]))[1:]  # without the "train" command
+    assert module.main(["--steps", "2", "--warmup", "1", "--out", str(out), *flags]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["fused_attention"], r["group_by_length"]) for r in rows] == [
+        (False, False), (False, True), (True, False), (True, True)]
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in rows)
+    with pytest.raises(SystemExit, match="batches in an epoch"):
+        module.main(["--steps", "50", *flags])
+
+
 def test_offline_training_matches_online(assets):
     hs = assets["root"] / "hidden"
     assert main(["prepare-hidden-states", "--target-model-path", str(assets["target"]), "--data-path",
