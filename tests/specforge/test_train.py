@@ -164,11 +164,14 @@ def test_train_throughput_script_times_every_case(assets, tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "tp.json"
     flags = common(assets, tmp_path / "o", "--data-path", str(assets["data"]))[1:]  # without the "train" command
-    assert module.main(["--steps", "2", "--warmup", "1", "--out", str(out), *flags]) == 0
+    assert module.main(["--steps", "2", "--warmup", "1", "--phases", "--out", str(out), *flags]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["fused_attention"], r["group_by_length"]) for r in rows] == [
         (False, False), (False, True), (True, False), (True, True)]
     assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] for r in rows)
+    for r in rows:
+        assert set(r["phase_ms"]) == {"collate", "target", "draft_forward", "backward", "optimizer"}
+        assert all(v > 0 for v in r["phase_ms"].values()) and sum(r["phase_ms"].values()) <= r["ms_per_step"]
     with pytest.raises(SystemExit, match="batches in an epoch"):
         module.main(["--steps", "50", *flags])
 
