@@ -158,11 +158,11 @@ class EagleWorker:
         self._verify_greedy = tree_ops.verify_tree_greedy if on_gpu else tree_ops.verify_tree_greedy_ref
         self._verify_sampling = tree_ops.tree_speculative_sampling if on_gpu else tree_ops.tree_speculative_sampling_ref
         self.max_batch = cfg.speculative_max_batch_size
-        self.draft_graphs = None
+        self.draft_graphs = self.extend_graphs = None
         if self.device.type == "cuda" and not cfg.disable_cuda_graph:
-            self.draft_graphs = _DraftTreeGraphs(
-                self, min(cfg.cuda_graph_max_bs, cfg.max_running_requests, cfg.speculative_max_batch_size)
-            )
+            graph_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests, cfg.speculative_max_batch_size)
+            self.draft_graphs = _DraftTreeGraphs(self, graph_bs)
+            self.extend_graphs = _DraftExtendGraphs(self, graph_bs)
         self.adaptive = not cfg.disable_speculative_adaptive
         self._rates: dict[int, _BucketRates] = {}
         self._joined = False  # a request finished its prefill since the last decode decision
@@ -332,6 +332,17 @@ class EagleWorker:
             st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
             st["draft_len"] = fb.seq_lens_cpu[i]
 
+    def _draft_extend_tensors(self, ids, aux, positions, loc, rows, seq_lens, last, width: int):
+        """`_draft_extend` on fixed shapes, no host sync (CUDA-graph capturable): B requests x E tokens, flattened;
+        ids [B*E] the next tokens, aux [B*E, 3H], positions and KV slots loc [B*E] (padding: slot 0), rows [B],
+        seq_lens [B] (draft KV length after the extend), last [B] (flat index of each request's last real token),
+        width >= every seq_len -> (hidden [B, H], topk_p [B, topk], topk_index [B, topk])."""
+        ctx = _ExtendDraftAttention(self, rows, seq_lens, positions, loc, width)
+        _, prenorm = self.draft(self._embed(ids), aux, positions, ctx, None)
+        hidden = prenorm[last]
+        p, idx = self._draft_topk(hidden)
+        return hidden, p, idx
+
     def after_prefill(self, fb, batch, new_slots, hidden, aux, done_reqs, tokens) -> None:
         """Extend the draft over each prefilled chunk (the final chunk's last next-token is the sampled one)."""
         sampled = {id(r): t for r, t in zip(done_reqs, tokens.tolist())} if tokens is not None else {}
@@ -424,8 +435,11 @@ class EagleWorker:
                 req.spec.num_accepted_tokens += n_acc
         if eng.metrics is not None:
             eng.metrics.observe_spec_step(accept_len, N - 1, self.num_steps)
-        rows = torch.cat(keep_rows).to(dev)
-        self._draft_extend(reqs, ext_starts, ext_tokens, aux[rows], ext_slots)
+        if self.extend_graphs is not None and self.extend_graphs.can_run(B):
+            self.extend_graphs.run(reqs, ext_starts, ext_tokens, ext_slots, keep_rows, aux)
+        else:
+            rows = torch.cat(keep_rows).to(dev)
+            self._draft_extend(reqs, ext_starts, ext_tokens, aux[rows], ext_slots)
         eng._commit(reqs, new_tokens)
 
     def _sample_verify(self, reqs, logits, candidates, r_index, r_next, r_sib):
@@ -476,6 +490,124 @@ class EagleWorker:
             _, hidden = self.draft(self._embed(input_ids), hidden, positions, ctx, None)
             topk_p, topk_index = self._draft_topk(hidden)
         return organize(score_list, token_list, parents_list, self.num_draft_tokens)
+
+
+class _ExtendDraftAttention:
+    """attn_fn for the fixed-shape draft extend: stores the new tokens' K/V by slot (padding to scratch slot 0),
+    then each token attends to its request's draft KV up to its own position, gathered at a fixed width."""
+
+    def __init__(self, worker: EagleWorker, rows, seq_lens, positions, loc, width: int):
+        self.kv, self.loc = worker.draft_kv, loc
+        self.scale = worker.draft.config.head_dim**-0.5
+        self.slots = worker.runner.req_to_token.table[rows, :width].long()  # [B, W]
+        b = rows.shape[0]
+        keys = torch.arange(width, device=rows.device)[None, None, :]
+        self.mask = (keys <= positions.view(b, -1)[:, :, None]) & (keys < seq_lens[:, None, None])  # [B, E, W]
+
+    def __call__(self, q, k, v, _ctx):
+        self.kv.k[0, self.loc] = k
+        self.kv.v[0, self.loc] = v
+        b, e = self.mask.shape[:2]
+        hq, d = q.shape[1], q.shape[2]
+        keys, vals = self.kv.k[0, self.slots], self.kv.v[0, self.slots]  # [B, W, Hkv, D]
+        qh = q.view(b, e, hq, d).transpose(1, 2)  # [B, Hq, E, D]
+        out = grouped_attention(qh, keys.transpose(1, 2), vals.transpose(1, 2), self.mask, self.scale)
+        return out.transpose(1, 2).reshape(b * e, hq, d)
+
+
+class _DraftExtendGraphs:
+    """The draft extend after a verify (each request's accepted tokens plus the bonus: 1..num_steps+1 of them) on
+    fixed buffers of num_steps+1 tokens per request, in CUDA graphs per (batch bucket, prefix-width bucket),
+    captured on first use. Padded tokens store to scratch slot 0 and are never read back. capture=False runs the
+    same buffers eagerly (CPU tests)."""
+
+    def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
+        from serving.cuda_graph_runner import batch_buckets
+
+        self.worker = worker
+        self.buckets = batch_buckets(max_bs)
+        self.max_bs = max_bs
+        self.capture = capture
+        self.per_req = worker.num_steps + 1
+        dev, n = worker.device, max_bs * (worker.num_steps + 1)
+        aux_width = len(worker.runner.aux_layer_ids) * worker.runner.model_config.hidden_size
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.loc = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.aux = torch.zeros(n, aux_width, dtype=worker.runner.dtype, device=dev)
+        self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
+        self.last = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.table_width = worker.runner.req_to_token.table.shape[1]
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.outputs: dict[tuple[int, int], tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.failed = False
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs and not self.failed
+
+    def _fn(self, bs: int, width: int):
+        n = bs * self.per_req
+        return lambda: self.worker._draft_extend_tensors(
+            self.ids[:n], self.aux[:n], self.positions[:n], self.loc[:n], self.rows[:bs], self.seq_lens[:bs],
+            self.last[:bs], width,
+        )  # fmt: skip
+
+    def run(self, reqs: list[Req], starts: list[int], tokens: list[list[int]], slots: list[torch.Tensor],
+            aux_rows: list[torch.Tensor], aux: torch.Tensor) -> None:  # fmt: skip
+        """As `EagleWorker._draft_extend` for the accepted tokens of each request: starts[i] is its first position,
+        tokens[i] the *next* tokens, slots[i] their KV slots, aux_rows[i] their rows in the verify's aux [B*N, 3H]."""
+        import bisect
+
+        b, e = len(reqs), self.per_req
+        bs = self.buckets[bisect.bisect_left(self.buckets, b)]
+        ids = torch.zeros(bs, e, dtype=torch.int64)
+        positions = torch.zeros(bs, e, dtype=torch.int64)
+        loc = torch.zeros(bs, e, dtype=torch.int64)
+        rows_in = torch.zeros(bs, e, dtype=torch.int64)
+        seq_lens = torch.ones(bs, dtype=torch.int64)
+        last = torch.arange(bs, dtype=torch.int64) * e
+        req_rows = torch.zeros(bs, dtype=torch.int64)
+        for i, (req, start, toks, kept, path) in enumerate(zip(reqs, starts, tokens, slots, aux_rows)):
+            n = len(toks)
+            ids[i, :n] = torch.tensor(toks)
+            positions[i] = start + torch.arange(e).clamp(max=n - 1)  # padding repeats the last position
+            loc[i, :n] = kept
+            rows_in[i, :n] = path
+            rows_in[i, n:] = path[n - 1]
+            seq_lens[i] = start + n
+            last[i] += n - 1
+            req_rows[i] = req.row
+        dev = self.worker.device
+        n_tok = bs * e
+        self.ids[:n_tok].copy_(ids.view(-1), non_blocking=True)
+        self.positions[:n_tok].copy_(positions.view(-1), non_blocking=True)
+        self.loc[:n_tok].copy_(loc.view(-1), non_blocking=True)
+        self.aux[:n_tok].copy_(aux[rows_in.view(-1).to(dev, non_blocking=True)])
+        self.rows[:bs].copy_(req_rows, non_blocking=True)
+        self.seq_lens[:bs].copy_(seq_lens, non_blocking=True)
+        self.last[:bs].copy_(last, non_blocking=True)
+        key = (bs, _DraftTreeGraphs.width_for(int(seq_lens.max()), self.table_width))
+        if self.capture and key not in self.graphs:
+            from serving.cuda_graph_runner import capture_graph
+
+            try:
+                self.graphs[key], self.outputs[key] = capture_graph(self._fn(*key), self.pool)
+                logger.info("captured a draft-extend CUDA graph for batch %d, prefix width %d", *key)
+            except Exception:  # keep speculating, with the eager draft extend from the next iteration on
+                logger.exception("capturing the draft extend failed; running it eagerly")
+                self.failed = True
+        if key in self.graphs:
+            self.graphs[key].replay()
+            out = self.outputs[key]
+        else:
+            out = self._fn(*key)()
+        hidden, p, idx = (o[:b].clone() for o in out)  # the buffers are rewritten by the next replay
+        for i, req in enumerate(reqs):
+            st = req.draft_state
+            st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
+            st["draft_len"] = int(seq_lens[i])
 
 
 class _TreeDraftAttention:
@@ -551,11 +683,16 @@ class _DraftTreeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs
 
-    def width(self, max_len: int) -> int:
+    @staticmethod
+    def width_for(max_len: int, table_width: int) -> int:
+        """Prefix-width bucket: powers of two from 256, capped at the req_to_token table's width."""
         w = 256
         while w < max_len:
             w *= 2
-        return min(w, self.table_width)
+        return min(w, table_width)
+
+    def width(self, max_len: int) -> int:
+        return self.width_for(max_len, self.table_width)
 
     def _fn(self, bs: int, width: int):
         return lambda: self.worker._grow_tree_tensors(

@@ -504,10 +504,11 @@ def test_adaptive_mode_is_lossless(tmp_path):
 
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_verify_on_fixed_buffers_is_lossless_with_padded_buckets(tmp_path, shape):
-    """The verify forward and the draft-tree growth that CUDA graphs capture, run eagerly on their fixed buffers
-    (Triton kernels in the interpreter): 3 requests fill a bucket of 4, so a padded request rides along."""
+    """The verify forward, the draft-tree growth and the draft extend that CUDA graphs capture, run eagerly on their
+    fixed buffers (Triton kernels in the interpreter): 3 requests fill a bucket of 4, so a padded request rides
+    along."""
     from serving.cuda_graph_runner import VerifyGraphRunner
-    from serving.speculative.eagle_worker import _DraftTreeGraphs
+    from serving.speculative.eagle_worker import _DraftExtendGraphs, _DraftTreeGraphs
 
     hf, target = tiny_target(vocab=8, layers=4)
     with torch.no_grad():  # peaked attention, so a wrong position or a wrong mask changes the output
@@ -526,14 +527,17 @@ def test_verify_on_fixed_buffers_is_lossless_with_padded_buckets(tmp_path, shape
     engine = Engine(spec_cfg, target)
     runner = engine.runner
     runner.verify_graph = VerifyGraphRunner(runner, runner.verify_num_tokens, max_bs=8, capture=False)
-    engine.spec_worker.draft_graphs = _DraftTreeGraphs(engine.spec_worker, max_bs=8, capture=False)
-    calls, draft_calls = [], []
-    verify_run, draft_run = runner.verify_graph.run, engine.spec_worker.draft_graphs.run
+    worker = engine.spec_worker
+    worker.draft_graphs = _DraftTreeGraphs(worker, max_bs=8, capture=False)
+    worker.extend_graphs = _DraftExtendGraphs(worker, max_bs=8, capture=False)
+    calls, draft_calls, extend_calls = [], [], []
+    verify_run, draft_run, extend_run = runner.verify_graph.run, worker.draft_graphs.run, worker.extend_graphs.run
     runner.verify_graph.run = lambda *a: calls.append(a[0].shape[0]) or verify_run(*a)
-    engine.spec_worker.draft_graphs.run = lambda *a: draft_calls.append(a[0].shape[0]) or draft_run(*a)
+    worker.draft_graphs.run = lambda *a: draft_calls.append(a[0].shape[0]) or draft_run(*a)
+    worker.extend_graphs.run = lambda *a: extend_calls.append(len(a[0])) or extend_run(*a)
     got = engine.generate(prompts, params)
     assert [r.output_ids for r in got] == [r.output_ids for r in plain]
-    assert calls and 3 in calls and draft_calls == calls
+    assert calls and 3 in calls and draft_calls == calls and extend_calls == calls
     # The same drafts as the eager path: same acceptance, request by request.
     assert [r.spec.as_dict() for r in got] == [r.spec.as_dict() for r in eager]
     if shape == "tree":  # 2 children out of 4 draft tokens (8 target tokens): drafts get accepted
