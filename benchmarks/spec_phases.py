@@ -1,6 +1,7 @@
 """Where a speculative iteration's time goes: forced speculation at batch 1 on MT-Bench prompts, first timed as is,
 then with a device sync around each phase of `EagleWorker.decode_step` (draft catch-up and extend, tree growth and
-building, target verify, greedy acceptance, commit), which gives each phase's wall time including its kernels.
+building, target verify, greedy acceptance, commit), which gives each phase's wall time including its kernels. The
+draft extend after a verify is `draft_extend_graph` where CUDA graphs run it, `_draft_extend` where it is eager.
 
     python benchmarks/spec_phases.py --config 3,1,4 [--config 6,8,32] [--draft DIR] [--out phases.json]
 """
@@ -64,6 +65,8 @@ def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, d
 
     for name in PHASES:
         setattr(worker, name, timed(name, getattr(worker, name)))
+    if worker.extend_graphs is not None:  # the draft extend after a verify, on fixed buffers (CUDA graphs)
+        worker.extend_graphs.run = timed("draft_extend_graph", worker.extend_graphs.run)
     engine.runner.verify = timed("verify", engine.runner.verify)
     engine._commit = timed("_commit", engine._commit)
     worker.decode_step = timed("decode_step", worker.decode_step)
@@ -72,7 +75,8 @@ def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, d
         "config": config, "device": str(dev), "tokens": tokens, "iterations": iters,
         "ms_per_iteration": secs / iters * 1000, "tokens_per_s": tokens / secs,
         "synced_ms_per_iteration": synced_secs / synced_iters * 1000,
-        # per synced iteration; _draft_extend also counts the draft's prefill extends, _commit the prefill's token
+        # per synced iteration; _draft_extend (eager) also counts the draft's prefill extends, _commit the prefill's
+        # token; draft_extend_graph is the fixed-buffer extend after a verify, where CUDA graphs run it
         "phase_ms": {k: v / synced_iters * 1000 for k, v in times.items()},
     }  # fmt: skip
 
