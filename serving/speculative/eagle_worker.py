@@ -14,6 +14,7 @@ them in one extend when speculation resumes.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -492,6 +493,59 @@ class EagleWorker:
         return organize(score_list, token_list, parents_list, self.num_draft_tokens)
 
 
+class _LazyGraphs:
+    """CUDA graphs of one draft computation on fixed buffers, one per (batch bucket, prefix-width bucket), captured
+    on first use (an iteration that captures is no adaptive-rate sample: see Engine._run_decode). A failed capture
+    is logged and the computation runs eagerly from then on. capture=False runs the buffers eagerly (CPU tests)."""
+
+    name = "draft"
+
+    def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
+        from serving.cuda_graph_runner import batch_buckets
+
+        self.worker = worker
+        self.buckets = batch_buckets(max_bs)
+        self.max_bs = max_bs
+        self.capture = capture
+        self.table_width = worker.runner.req_to_token.table.shape[1]
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.outputs: dict[tuple[int, int], tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.failed = False
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs and not self.failed
+
+    def bucket(self, batch_size: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, batch_size)]
+
+    def width(self, max_len: int) -> int:
+        """Prefix-width bucket: powers of two from 256, capped at the req_to_token table's width."""
+        w = 256
+        while w < max_len:
+            w *= 2
+        return min(w, self.table_width)
+
+    def _fn(self, bs: int, width: int):
+        raise NotImplementedError
+
+    def replay(self, key: tuple[int, int]) -> tuple:
+        """The outputs for the buffers' current contents: graph replay, capturing it first if new."""
+        if self.capture and key not in self.graphs and not self.failed:
+            from serving.cuda_graph_runner import capture_graph
+
+            try:
+                self.graphs[key], self.outputs[key] = capture_graph(self._fn(*key), self.pool)
+                logger.info("captured a %s CUDA graph for batch %d, prefix width %d", self.name, *key)
+            except Exception:  # keep speculating, eagerly from the next iteration on
+                logger.exception("capturing the %s failed; running it eagerly", self.name)
+                self.failed = True
+        if key in self.graphs:
+            self.graphs[key].replay()
+            return self.outputs[key]
+        return self._fn(*key)()
+
+
 class _ExtendDraftAttention:
     """attn_fn for the fixed-shape draft extend: stores the new tokens' K/V by slot (padding to scratch slot 0),
     then each token attends to its request's draft KV up to its own position, gathered at a fixed width."""
@@ -515,19 +569,14 @@ class _ExtendDraftAttention:
         return out.transpose(1, 2).reshape(b * e, hq, d)
 
 
-class _DraftExtendGraphs:
+class _DraftExtendGraphs(_LazyGraphs):
     """The draft extend after a verify (each request's accepted tokens plus the bonus: 1..num_steps+1 of them) on
-    fixed buffers of num_steps+1 tokens per request, in CUDA graphs per (batch bucket, prefix-width bucket),
-    captured on first use. Padded tokens store to scratch slot 0 and are never read back. capture=False runs the
-    same buffers eagerly (CPU tests)."""
+    fixed buffers of num_steps+1 tokens per request. Padded tokens store to scratch slot 0 and are never read back."""
+
+    name = "draft-extend"
 
     def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
-        from serving.cuda_graph_runner import batch_buckets
-
-        self.worker = worker
-        self.buckets = batch_buckets(max_bs)
-        self.max_bs = max_bs
-        self.capture = capture
+        super().__init__(worker, max_bs, capture)
         self.per_req = worker.num_steps + 1
         dev, n = worker.device, max_bs * (worker.num_steps + 1)
         aux_width = len(worker.runner.aux_layer_ids) * worker.runner.model_config.hidden_size
@@ -538,14 +587,6 @@ class _DraftExtendGraphs:
         self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.last = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.table_width = worker.runner.req_to_token.table.shape[1]
-        self.graphs: dict[tuple[int, int], object] = {}
-        self.outputs: dict[tuple[int, int], tuple] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.failed = False
-
-    def can_run(self, batch_size: int) -> bool:
-        return batch_size <= self.max_bs and not self.failed
 
     def _fn(self, bs: int, width: int):
         n = bs * self.per_req
@@ -558,10 +599,8 @@ class _DraftExtendGraphs:
             aux_rows: list[torch.Tensor], aux: torch.Tensor) -> None:  # fmt: skip
         """As `EagleWorker._draft_extend` for the accepted tokens of each request: starts[i] is its first position,
         tokens[i] the *next* tokens, slots[i] their KV slots, aux_rows[i] their rows in the verify's aux [B*N, 3H]."""
-        import bisect
-
         b, e = len(reqs), self.per_req
-        bs = self.buckets[bisect.bisect_left(self.buckets, b)]
+        bs = self.bucket(b)
         ids = torch.zeros(bs, e, dtype=torch.int64)
         positions = torch.zeros(bs, e, dtype=torch.int64)
         loc = torch.zeros(bs, e, dtype=torch.int64)
@@ -588,21 +627,7 @@ class _DraftExtendGraphs:
         self.rows[:bs].copy_(req_rows, non_blocking=True)
         self.seq_lens[:bs].copy_(seq_lens, non_blocking=True)
         self.last[:bs].copy_(last, non_blocking=True)
-        key = (bs, _DraftTreeGraphs.width_for(int(seq_lens.max()), self.table_width))
-        if self.capture and key not in self.graphs:
-            from serving.cuda_graph_runner import capture_graph
-
-            try:
-                self.graphs[key], self.outputs[key] = capture_graph(self._fn(*key), self.pool)
-                logger.info("captured a draft-extend CUDA graph for batch %d, prefix width %d", *key)
-            except Exception:  # keep speculating, with the eager draft extend from the next iteration on
-                logger.exception("capturing the draft extend failed; running it eagerly")
-                self.failed = True
-        if key in self.graphs:
-            self.graphs[key].replay()
-            out = self.outputs[key]
-        else:
-            out = self._fn(*key)()
+        out = self.replay((bs, self.width(int(seq_lens.max()))))
         hidden, p, idx = (o[:b].clone() for o in out)  # the buffers are rewritten by the next replay
         for i, req in enumerate(reqs):
             st = req.draft_state
@@ -657,17 +682,14 @@ class _TreeDraftAttention:
         return out.transpose(1, 2).reshape(B * topk, hq, d)
 
 
-class _DraftTreeGraphs:
-    """The draft's tree growth captured in CUDA graphs, one per (batch bucket, prefix-width bucket), captured on
-    first use. Padded requests have zero scores and row 0; their nodes are dropped after the replay."""
+class _DraftTreeGraphs(_LazyGraphs):
+    """The draft's tree growth on fixed buffers. Padded requests have zero scores and row 0; their nodes are dropped
+    after the replay."""
+
+    name = "draft-tree"
 
     def __init__(self, worker: EagleWorker, max_bs: int, capture: bool = True):
-        from serving.cuda_graph_runner import batch_buckets
-
-        self.worker = worker
-        self.buckets = batch_buckets(max_bs)
-        self.max_bs = max_bs
-        self.capture = capture
+        super().__init__(worker, max_bs, capture)
         dev, topk = worker.device, worker.topk
         hidden_size = worker.draft.config.hidden_size
         self.topk_p = torch.zeros(max_bs, topk, dtype=torch.float32, device=dev)
@@ -675,41 +697,15 @@ class _DraftTreeGraphs:
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=worker.runner.dtype, device=dev)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.rows = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.table_width = worker.runner.req_to_token.table.shape[1]
-        self.graphs: dict[tuple[int, int], object] = {}
-        self.outputs: dict[tuple[int, int], tuple] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-
-    def can_run(self, batch_size: int) -> bool:
-        return batch_size <= self.max_bs
-
-    @staticmethod
-    def width_for(max_len: int, table_width: int) -> int:
-        """Prefix-width bucket: powers of two from 256, capped at the req_to_token table's width."""
-        w = 256
-        while w < max_len:
-            w *= 2
-        return min(w, table_width)
-
-    def width(self, max_len: int) -> int:
-        return self.width_for(max_len, self.table_width)
 
     def _fn(self, bs: int, width: int):
         return lambda: self.worker._grow_tree_tensors(
             self.topk_p[:bs], self.topk_index[:bs], self.hidden[:bs], self.seq_lens[:bs], self.rows[:bs], width
         )
 
-    def _capture(self, key: tuple[int, int]) -> None:
-        from serving.cuda_graph_runner import capture_graph
-
-        self.graphs[key], self.outputs[key] = capture_graph(self._fn(*key), self.pool)
-        logger.info("captured a draft-tree CUDA graph for batch %d, prefix width %d", *key)
-
     def run(self, topk_p, topk_index, hidden, seq_lens, rows, max_len: int):
-        import bisect
-
         b = topk_p.shape[0]
-        bs = self.buckets[bisect.bisect_left(self.buckets, b)]
+        bs = self.bucket(b)
         if bs != b:
             for buf in (self.topk_p, self.topk_index, self.hidden, self.rows):
                 buf[b:bs].zero_()
@@ -719,12 +715,5 @@ class _DraftTreeGraphs:
         self.hidden[:b].copy_(hidden)
         self.seq_lens[:b].copy_(seq_lens)
         self.rows[:b].copy_(rows)
-        key = (bs, self.width(max_len))
-        if not self.capture:
-            out = self._fn(*key)()
-        else:
-            if key not in self.graphs:
-                self._capture(key)
-            self.graphs[key].replay()
-            out = self.outputs[key]
+        out = self.replay((bs, self.width(max_len)))
         return tuple(o[:b] for o in out)

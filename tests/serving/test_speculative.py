@@ -545,6 +545,39 @@ def test_verify_on_fixed_buffers_is_lossless_with_padded_buckets(tmp_path, shape
     assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
 
 
+def test_a_failed_draft_graph_capture_falls_back_to_eager_drafting(tmp_path, monkeypatch):
+    """If capturing a draft CUDA graph fails (out of memory, an op that cannot be captured), the iteration still
+    completes on the fixed buffers, later iterations draft eagerly, and the output stays lossless."""
+    from serving import cuda_graph_runner
+    from serving.speculative.eagle_worker import _DraftExtendGraphs, _DraftTreeGraphs
+
+    hf, target = tiny_target(vocab=8, layers=4)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    prompts = prompts_for(8, 3, seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=2048), target).generate(prompts, params)
+    engine = Engine(
+        EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True,
+                     **SMALL_TREE), target)  # fmt: skip
+    worker = engine.spec_worker
+    worker.draft_graphs = _DraftTreeGraphs(worker, max_bs=8, capture=False)
+    worker.extend_graphs = _DraftExtendGraphs(worker, max_bs=8, capture=False)
+    attempts = []
+
+    def broken_capture(fn, pool):
+        attempts.append(fn)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph_runner, "capture_graph", broken_capture)
+    for graphs in (worker.draft_graphs, worker.extend_graphs):
+        graphs.capture = True  # as on a GPU, with a capture that fails
+    got = engine.generate(prompts, params)
+    assert [r.output_ids for r in got] == [r.output_ids for r in plain]
+    assert len(attempts) == 2  # one failed capture each, then no more attempts
+    assert worker.draft_graphs.failed and worker.extend_graphs.failed
+    assert not worker.draft_graphs.can_run(1) and not worker.extend_graphs.can_run(1)
+
+
 @pytest.mark.parametrize("cfg", [CHAIN, TREE, SMALL_TREE])
 def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
     """The draft-tree growth that CUDA graphs capture (fixed prefix width, padded batch bucket) proposes exactly the
