@@ -49,6 +49,16 @@ def prompts_for(vocab, n, seed=0):
     ]
 
 
+def plain_reference(tmp_path, vocab, layers, num_prompts, seed, max_tokens, max_total_tokens):
+    """A tiny target, a random draft for it, prompts, greedy params, and the plain engine's outputs to match."""
+    hf, target = tiny_target(vocab=vocab, layers=layers)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=vocab // 2)
+    prompts = prompts_for(vocab, num_prompts, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    plain = Engine(EngineConfig(max_total_tokens=max_total_tokens), target).generate(prompts, params)
+    return target, draft, prompts, params, plain
+
+
 @pytest.mark.parametrize("vocab", [8, 256])
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 @pytest.mark.parametrize("batch", [1, 8])
@@ -551,11 +561,8 @@ def test_a_failed_draft_graph_capture_falls_back_to_eager_drafting(tmp_path, mon
     from serving import cuda_graph_runner
     from serving.speculative.eagle_worker import _DraftExtendGraphs, _DraftTreeGraphs
 
-    hf, target = tiny_target(vocab=8, layers=4)
-    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
-    prompts = prompts_for(8, 3, seed=5)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    plain = Engine(EngineConfig(max_total_tokens=2048), target).generate(prompts, params)
+    target, draft, prompts, params, plain = plain_reference(tmp_path, 8, 4, 3, seed=5, max_tokens=12,
+                                                            max_total_tokens=2048)  # fmt: skip
     engine = Engine(
         EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True,
                      **SMALL_TREE), target)  # fmt: skip
@@ -608,11 +615,8 @@ def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
 def test_speculation_resumes_after_plain_stretches_with_the_stored_aux_states(tmp_path):
     """Plain steps (several tokens each) between speculative ones: the draft catches up from the aux states the
     plain steps stored, output stays lossless, and the drafts keep getting accepted."""
-    hf, target = tiny_target(vocab=8, layers=6)
-    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
-    prompts = prompts_for(8, 5, seed=11)
-    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
-    plain = Engine(EngineConfig(max_total_tokens=4096), target).generate(prompts, params)
+    target, draft, prompts, params, plain = plain_reference(tmp_path, 8, 6, 5, seed=11, max_tokens=60,
+                                                            max_total_tokens=4096)  # fmt: skip
     engine = Engine(
         EngineConfig(
             max_total_tokens=4096, speculative_draft_model_path=str(draft), num_continuous_decode_steps=3, **TREE
