@@ -69,11 +69,14 @@ def test_sweep_writes_the_fastest_config_into_the_bundle(tmp_path):
     verify_bundle(folder)  # the weights' recorded hashes still hold
 
 
-def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm2_folder):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm2_folder, speculative):
     from serving.config import EngineConfig
     from serving.engine import Engine
 
-    engine = Engine(EngineConfig(device="cpu", dtype="float32", max_total_tokens=4096), smollm2_target)
+    cfg = EngineConfig(device="cpu", dtype="float32", max_total_tokens=4096, speculative=speculative,
+                       disable_speculative_adaptive=True)  # fmt: skip
+    engine = Engine(cfg, smollm2_target)
     out = tmp_path / "online.json"
     with RunningServer(engine) as server:
         rc = bench.main(
@@ -86,6 +89,8 @@ def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm
     for r in rows:
         assert r["requests"] == 3 and r["output_tokens"] == 18
         assert r["output_tokens_per_s"] > 0 and r["ttft_s"]["p50"] > 0
+        # the server's per-response spec_decoding figures, summed over the responses
+        assert ("accept_length" in r) == speculative and (not speculative or 1.0 <= r["accept_length"] <= 4.0)
 
 
 def test_spec_phases_script_splits_an_iteration(tmp_path):
