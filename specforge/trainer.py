@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -527,6 +529,29 @@ class Trainer:
 
     # -- loop
     def train(self) -> Path | None:
+        """The training loop. SIGTERM (a scheduler's preemption or time limit; torchrun passes it on to every rank)
+        makes all ranks finish the current optimizer step, save a checkpoint that --resume continues from, and exit
+        with status 143."""
+        received: list[int] = []
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum)) if main_thread else None
+        try:
+            last_saved = self._train_loop(received)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        if received:
+            raise SystemExit(128 + signal.SIGTERM)
+        return last_saved
+
+    def _stop_requested(self, received: list[int]) -> bool:
+        """Whether any rank got SIGTERM; every rank answers the same, so they all stop after the same step."""
+        if not self.dist.enabled:
+            return bool(received)
+        flag = torch.tensor([float(bool(received))], device=self.device)
+        return bool(self.dist.all_reduce_sum(flag).item() > 0)
+
+    def _train_loop(self, received: list[int]) -> Path | None:
         args, d = self.args, self.dist
         accum = args.draft_accumulation_steps
         max_steps = args.max_num_steps
@@ -583,6 +608,15 @@ class Trainer:
                     self.module.train()
                 if self.global_step % args.save_interval == 0 or at_end:
                     last_saved = self.save()
+                if self._stop_requested(received):
+                    if last_saved is None or last_saved.name != train_state.checkpoint_name(
+                            self.epoch, self.global_step):
+                        last_saved = self.save()
+                    self._log(f"SIGTERM: stopped after step {self.global_step}, saved {last_saved}; "
+                              f"--resume continues from it")
+                    received.append(signal.SIGTERM)  # every rank exits with the same status
+                    done = True
+                    break
                 if max_steps is not None and self.global_step >= max_steps:
                     done = True
                     break

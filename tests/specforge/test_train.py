@@ -1,6 +1,7 @@
 """End-to-end training on CPU with a tiny random Llama target: online, offline, checkpoints, resume, errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,36 @@ def test_train_throughput_script_times_every_case(assets, tmp_path):
         assert all(v > 0 for v in r["phase_ms"].values()) and sum(r["phase_ms"].values()) <= r["ms_per_step"]
     with pytest.raises(SystemExit, match="batches in an epoch"):
         module.main(["--steps", "50", *flags])
+
+
+def test_sigterm_saves_a_checkpoint_that_resume_continues(assets, tmp_path):
+    """A scheduler's SIGTERM mid-run: the step in flight finishes, a checkpoint is saved, the process exits 143, and
+    --resume carries on from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    flags = common(assets, out, "--data-path", str(assets["data"]), "--num-epochs", "100", "--save-interval", "1000")
+    proc = subprocess.Popen([sys.executable, "-m", "specforge.cli", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(metrics(out, "train")) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, log
+    step = metrics(out, "train")[-1]["step"]
+    assert 3 <= step < 1000 and "SIGTERM: stopped after step" in log
+    latest = (out / "latest").read_text().strip()
+    state = json.loads((out / latest / "training_state" / "trainer_state.json").read_text())
+    assert state["global_step"] == step and latest.endswith(f"_step_{step}")
+    assert main(common(assets, out, "--data-path", str(assets["data"]), "--num-epochs", "100", "--resume",
+                       "--max-num-steps", str(step + 2))) == 0
+    assert [r["step"] for r in metrics(out, "train")][-2:] == [step + 1, step + 2]
 
 
 def test_offline_training_matches_online(assets):

@@ -83,3 +83,41 @@ def test_deepspeed_zero2_matches_fsdp_and_resumes(runs):
     _train(runs["target"], runs["data"], out, 2, 2, "--strategy", "deepspeed", "--max-num-steps", "2")
     _train(runs["target"], runs["data"], out, 2, 2, "--strategy", "deepspeed", "--resume")
     _assert_same(_master(runs["root"] / "two", 4), _master(out, 4), "deepspeed vs fsdp, step 4")
+
+
+def test_sigterm_stops_both_ranks_after_the_same_step_with_a_checkpoint(runs):
+    """torchrun passes a SIGTERM on to its workers: both ranks agree on the step to stop after, save it together,
+    and leave a checkpoint that --resume continues from."""
+    import time
+
+    out = runs["root"] / "sigterm"
+    args = ["train", "--target-model-path", str(runs["target"]), "--data-path", str(runs["data"]), "--output-dir",
+            str(out), "--batch-size", "2", "--max-length", "32", "--draft-vocab-size", "128", "--ttt-length", "3",
+            "--report-to", "none", "--num-epochs", "200", "--save-interval", "100000", "--log-interval", "1",
+            "--dtype", "float32"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "specforge.cli", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"train"') >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        log, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        raise AssertionError("torchrun did not stop after SIGTERM:\n" + log[-4000:]) from None
+    assert proc.returncode != 0 and "SIGTERM: stopped after step" in log, log[-4000:]
+    step = json.loads([line for line in metrics.read_text().splitlines() if '"train"' in line][-1])["step"]
+    latest = (out / "latest").read_text().strip()
+    assert latest.endswith(f"_step_{step}")
+    state = out / latest / "training_state"
+    assert json.loads((state / "trainer_state.json").read_text())["global_step"] == step
+    assert (state / "rng_rank0.safetensors").is_file() and (state / "rng_rank1.safetensors").is_file()
