@@ -94,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.config or ["3,1,4"]:
         r = measure(config, args.draft, args.num_prompts, args.max_tokens, args.device)
         results.append(r)
-        print(f"{config}: {r['ms_per_iteration']:.2f} ms/iteration ({r['tokens_per_s']:.0f} tok/s); synced "
-              f"{r['synced_ms_per_iteration']:.2f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phase_ms"].items()))
+        print(
+            f"{config}: {r['ms_per_iteration']:.2f} ms/iteration ({r['tokens_per_s']:.0f} tok/s); synced "
+            f"{r['synced_ms_per_iteration']:.2f} ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["phase_ms"].items())
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

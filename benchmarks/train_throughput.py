@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"fused_attention": fused, "group_by_length": grouped,
                        **time_case(trainer, batches, own.warmup, own.steps, own.phases)}  # fmt: skip
                 results.append(row)
-                print(f"fused attention {fused!s:<5}  grouped {grouped!s:<5}  {row['ms_per_step']:8.1f} ms/step  "
-                      f"{row['samples_per_s']:7.1f} samples/s  {row['tokens_per_s']:9.0f} tokens/s", flush=True)
+                print(
+                    f"fused attention {fused!s:<5}  grouped {grouped!s:<5}  {row['ms_per_step']:8.1f} ms/step  "
+                    f"{row['samples_per_s']:7.1f} samples/s  {row['tokens_per_s']:9.0f} tokens/s",
+                    flush=True,
+                )
     finally:
         trainer.close()
     if own.out:

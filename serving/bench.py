@@ -416,8 +416,16 @@ def cmd_online(args) -> dict:
     rows = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         res = asyncio.run(
-            run_online(args.base_url, model, prompts, args.max_tokens, c, args.request_rate, args.api_key,
-                       progress=not args.quiet)
+            run_online(
+                args.base_url,
+                model,
+                prompts,
+                args.max_tokens,
+                c,
+                args.request_rate,
+                args.api_key,
+                progress=not args.quiet,
+            )
         )
         rows.append({"system": f"online {model}"[:26], "batch": c, **res})
     return {"config": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
