@@ -35,7 +35,7 @@ def test_offline_bench_alternates_repeats_and_writes_json_and_plots(tmp_path, ca
         ratios = [s / p for s, p in zip(spec["repeats_output_tokens_per_s"], plain["repeats_output_tokens_per_s"])]
         assert spec["repeats_speedup"] == pytest.approx(sorted(ratios))
         assert spec["speedup"] == pytest.approx(sorted(ratios)[1])
-        assert spec["accept_length"] >= 1.0 and spec["spec_config"] == "num_steps=3 topk=1 num_draft_tokens=4"
+        assert spec["accept_length"] >= 1.0 and spec["spec_config"] == "num_steps=3 topk=2 num_draft_tokens=4"
         assert len(spec["acceptance_per_position"]) == 3
     assert res["acceptance_per_position"] == rows[1]["acceptance_per_position"]
     assert sorted(p.split("/")[-1] for p in res["plots"]) == ["acceptance_per_position.png", "speedup_vs_batch.png"]

@@ -98,7 +98,7 @@ def test_hub_draft_is_pulled_with_revision(hub, tmp_path, tiny_target, monkeypat
 
 def test_speculative_defaults(tiny_bundle):
     spec = speculative_defaults(PACKAGED)
-    assert (spec.algorithm, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens) == ("EAGLE3", 3, 1, 4)
+    assert (spec.algorithm, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens) == ("EAGLE3", 3, 2, 4)
     meta = json.loads((tiny_bundle / "bundle.json").read_text())
     meta["speculative"] = {"num_steps": 5, "eagle_topk": 4, "num_draft_tokens": 8}
     (tiny_bundle / "bundle.json").write_text(json.dumps(meta))
