@@ -38,8 +38,9 @@ def test_offline_bench_alternates_repeats_and_writes_json_and_plots(tmp_path, ca
         assert spec["accept_length"] >= 1.0 and spec["spec_config"] == "num_steps=3 topk=2 num_draft_tokens=4"
         assert len(spec["acceptance_per_position"]) == 3
     assert res["acceptance_per_position"] == rows[1]["acceptance_per_position"]
-    assert sorted(p.split("/")[-1] for p in res["plots"]) == ["acceptance_per_position.png", "speedup_vs_batch.png"]
-    assert all((tmp_path / "plots" / name).stat().st_size > 0 for name in ["speedup_vs_batch.png"])
+    pngs = ["acceptance_per_position.png", "speedup_vs_batch.png"]
+    assert sorted(p.split("/")[-1] for p in res["plots"]) == pngs
+    assert all((tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
     table = capsys.readouterr().out
     assert "speculative" in table and "TTFT p50" in table
 
