@@ -1,8 +1,9 @@
 """Lossless greedy check on the real model: speculative output == non-speculative output, token for token, on the
-80 MT-Bench first turns (128 new tokens), at batch 1 and 8, chain (3/1/4) and tree (5/4/16), with a random-weight
-draft and with the bundled trained draft. Speculation is forced on every step (no adaptive fallback).
+80 MT-Bench first turns (128 new tokens), at batch 1 and 8, chain (3/1/4) and tree (5/4/16) (or --configs), with a
+random-weight draft and with the bundled trained draft. Speculation is forced on every step (no adaptive fallback).
 
     python benchmarks/lossless_mtbench.py --out docs/results/cpu_lossless_mtbench.json      (CPU, fp32: ~1-2 h)
+    python benchmarks/lossless_mtbench.py --out x.json --batch-sizes 8 --drafts trained --configs "recommended=3,2,4"
 
 Results are written after every configuration, so an interrupted run keeps what it finished.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,19 @@ from specbundle import DraftConfig, Eagle3DraftModel
 from specbundle.checkpoint import save_draft
 from specbundle.resolve import resolve_draft
 
-CONFIGS = {"chain": (3, 1, 4), "tree": (5, 4, 16)}
+CONFIGS = "chain=3,1,4;tree=5,4,16"  # name=num_steps,topk,num_draft_tokens;...
+
+
+def parse_configs(text: str) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for item in text.split(";"):
+        name, _, shape = item.partition("=")
+        try:
+            steps, topk, ntok = (int(x) for x in shape.split(","))
+        except ValueError:
+            raise SystemExit(f"--configs: {item!r} is not name=num_steps,topk,num_draft_tokens") from None
+        out[name.strip()] = (steps, topk, ntok)
+    return out
 
 
 def random_draft(target, folder: Path, seed: int = 0) -> Path:
@@ -47,7 +61,7 @@ def run(engine: Engine, prompts, max_tokens: int) -> tuple[list, float]:
     return reqs, time.perf_counter() - start
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--num-prompts", type=int, default=80)
@@ -56,7 +70,9 @@ def main() -> int:
     ap.add_argument("--drafts", default="trained,random")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args()
+    ap.add_argument("--configs", default=CONFIGS, help=f"name=num_steps,topk,num_draft_tokens;... [{CONFIGS}]")
+    args = ap.parse_args(argv)
+    configs = parse_configs(args.configs)
     device = torch.device(args.device)
     target = load_target(None, args.dtype, device)
     prompts = load_prompts("mtbench", args.num_prompts, target.tokenizer)
@@ -71,7 +87,7 @@ def main() -> int:
         "dtype": args.dtype,
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
-        "command": "python benchmarks/lossless_mtbench.py --out " + args.out,
+        "command": "python benchmarks/lossless_mtbench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "runs": [],
     }
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -84,7 +100,7 @@ def main() -> int:
             {"batch": batch, "system": "plain", "seconds": secs, "output_tokens": sum(map(len, plain))}
         )
         for name in args.drafts.split(","):
-            for shape, (steps, topk, ntok) in CONFIGS.items():
+            for shape, (steps, topk, ntok) in configs.items():
                 cfg = EngineConfig(
                     **base_cfg,
                     speculative=True,

@@ -110,3 +110,27 @@ def test_spec_phases_script_splits_an_iteration(tmp_path):
     assert {"_grow_tree", "verify", "_draft_extend", "decode_step"} <= set(phases)
     inside = sum(v for k, v in phases.items() if k not in ("decode_step", "_commit", "_draft_extend"))
     assert 0 < inside < phases["decode_step"] <= r["synced_ms_per_iteration"]
+
+
+def test_lossless_script_compares_token_for_token(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lossless_mtbench.py"
+    spec = importlib.util.spec_from_file_location("lossless_mtbench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "lossless.json"
+    args = ["--out", str(out), "--num-prompts", "3", "--max-tokens", "12", "--batch-sizes", "2", "--drafts",
+            "trained,random", "--configs", "recommended=3,2,4;chain=2,1,3"]  # fmt: skip
+    assert module.main(args) == 0
+    res = json.loads(out.read_text())
+    runs = [r for r in res["runs"] if r["system"] == "speculative"]
+    assert [(r["draft"], r["shape"], r["config"]) for r in runs] == [
+        ("trained", "recommended", "3/2/4"), ("trained", "chain", "2/1/3"),
+        ("random", "recommended", "3/2/4"), ("random", "chain", "2/1/3"),
+    ]  # fmt: skip
+    assert all(r["identical"] == r["of"] == 3 and not r["first_differences"] for r in runs)
+    assert res["command"].endswith(" ".join(args))
+    with pytest.raises(SystemExit, match="not name=num_steps,topk,num_draft_tokens"):
+        module.main(["--out", str(out), "--configs", "tree=5,4"])
