@@ -14,6 +14,18 @@ from tests.serving.server_utils import RunningServer
 CPU = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096", "--quiet"]
 
 
+def load_script(name: str):
+    """A script of benchmarks/ as a module (the folder is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_offline_bench_alternates_repeats_and_writes_json_and_plots(tmp_path, capsys):
     out = tmp_path / "res" / "bench.json"
     rc = bench.main(
@@ -95,13 +107,7 @@ def test_online_bench_measures_a_running_server(tmp_path, smollm2_target, smollm
 
 
 def test_spec_phases_script_splits_an_iteration(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "spec_phases.py"
-    spec = importlib.util.spec_from_file_location("spec_phases", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("spec_phases")
     out = tmp_path / "phases.json"
     assert module.main(["--device", "cpu", "--num-prompts", "1", "--max-tokens", "8", "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())
@@ -113,13 +119,7 @@ def test_spec_phases_script_splits_an_iteration(tmp_path):
 
 
 def test_lossless_script_compares_token_for_token(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lossless_mtbench.py"
-    spec = importlib.util.spec_from_file_location("lossless_mtbench", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("lossless_mtbench")
     out = tmp_path / "lossless.json"
     args = ["--out", str(out), "--num-prompts", "3", "--max-tokens", "12", "--batch-sizes", "2", "--drafts",
             "trained,random", "--configs", "recommended=3,2,4;chain=2,1,3"]  # fmt: skip
