@@ -327,11 +327,15 @@ class EagleWorker:
         ends = torch.tensor(fb.extend_seq_lens_cpu).cumsum(0) - 1
         last = ends.to(self.device)
         hidden = prenorm[last]  # [B, H]
-        p, idx = self._draft_topk(hidden)
+        self._store_draft_state(reqs, hidden, *self._draft_topk(hidden), fb.seq_lens_cpu)
+
+    @staticmethod
+    def _store_draft_state(reqs: list[Req], hidden, topk_p, topk_index, draft_lens: list[int]) -> None:
+        """Each request's last prenorm hidden and its top-k after a draft extend, and how far its draft KV reaches."""
         for i, req in enumerate(reqs):
             st = req.draft_state
-            st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
-            st["draft_len"] = fb.seq_lens_cpu[i]
+            st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], topk_p[i], topk_index[i]
+            st["draft_len"] = int(draft_lens[i])
 
     def _draft_extend_tensors(self, ids, aux, positions, loc, rows, seq_lens, last, width: int):
         """`_draft_extend` on fixed shapes, no host sync (CUDA-graph capturable): B requests x E tokens, flattened;
@@ -629,10 +633,7 @@ class _DraftExtendGraphs(_LazyGraphs):
         self.last[:bs].copy_(last, non_blocking=True)
         out = self.replay((bs, self.width(int(seq_lens.max()))))
         hidden, p, idx = (o[:b].clone() for o in out)  # the buffers are rewritten by the next replay
-        for i, req in enumerate(reqs):
-            st = req.draft_state
-            st["hidden"], st["topk_p"], st["topk_index"] = hidden[i], p[i], idx[i]
-            st["draft_len"] = int(seq_lens[i])
+        self.worker._store_draft_state(reqs, hidden, p, idx, seq_lens.tolist())
 
 
 class _TreeDraftAttention:
