@@ -213,8 +213,6 @@ class Engine:
         if req.row is None:
             return
         kv_tokens = req.all_ids[: req.kv_len]
-        if self.spec_worker is not None:
-            kv_tokens = self.spec_worker.cacheable_tokens(req, kv_tokens)
         self.tree_cache.insert(kv_tokens, req.slots[: len(kv_tokens)])
         self.allocator.free(req.slots[len(kv_tokens) :])
         self._unadmit(req)
@@ -356,6 +354,8 @@ class Engine:
         if per_req > 1:
             self.spec_worker.decode_step(self.running, slots)
             return True
+        if self.spec_worker is not None:
+            self.spec_worker.pending(slots)  # every plain step below stores its aux states by slot
         reqs = list(self.running)
         n = len(reqs)
         grid = slots.view(n, steps)  # row i: request i's slots for steps 0..steps-1

@@ -7,9 +7,11 @@ Per decode iteration, for B decode-ready requests (seq: L tokens with KV, the la
   3. accept: the longest path the target agrees with (greedy) or tree rejection sampling (exact target
      distribution), plus one bonus token; rejected nodes' KV slots are freed;
   4. draft extend: the draft consumes the accepted positions with the target's aux hidden states.
-The draft's KV pool is indexed by the same slots (and req_to_token rows) as the target's. Iterations that decode
-without speculation (adaptive mode, large batches) only store the target's aux states by slot; the draft consumes
-them in one extend when speculation resumes.
+The draft's KV pool is indexed by the same slots (and req_to_token rows) as the target's. Every slot that holds
+target KV either has its draft KV computed (`draft_ready`) or the target's aux states stored (`aux_pool`), so the
+prefix cache keeps every token. Iterations that decode without speculation (adaptive mode, large batches), and
+prefills in adaptive mode, only store the aux states; the draft consumes them in one extend when speculation
+resumes.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ class EagleWorker:
             runner.kv.num_slots, len(runner.aux_layer_ids) * mc.hidden_size, dtype=runner.dtype, device=self.device
         )
         runner.aux_pool = self.aux_pool  # multi-step greedy decoding stores into it inside its graph
+        # Host-side, by slot: whether the draft KV is computed; where not, the slot's aux states are in aux_pool.
+        self.draft_ready = torch.zeros(runner.kv.num_slots, dtype=torch.bool)
         self.draft_backend = create_backend(
             "torch" if self.device.type == "cpu" else cfg.attention_backend,
             self.draft_kv.k,
@@ -165,6 +169,9 @@ class EagleWorker:
             self.draft_graphs = _DraftTreeGraphs(self, graph_bs)
             self.extend_graphs = _DraftExtendGraphs(self, graph_bs)
         self.adaptive = not cfg.disable_speculative_adaptive
+        # Adaptive mode decodes plainly until speculation has measured faster (and at batch sizes where it lost): the
+        # draft's pass over a prompt waits for the request's first speculative iteration, which may never come.
+        self.defer_prefill = self.adaptive
         self._rates: dict[int, _BucketRates] = {}
         self._joined = False  # a request finished its prefill since the last decode decision
         logger.info("EAGLE-3 draft %s: %s", self.draft_path, self.describe())
@@ -289,10 +296,6 @@ class EagleWorker:
             rates.min_gap = min(budget, PROBE_MAX)
         rates.winner = winner
 
-    def cacheable_tokens(self, req: Req, kv_tokens: list[int]) -> list[int]:
-        """Only positions whose draft KV was computed may enter the prefix cache."""
-        return kv_tokens[: min(len(kv_tokens), req.draft_state.get("draft_len", 0))]
-
     def on_release(self, req: Req) -> None:
         req.draft_state = {}
 
@@ -349,38 +352,46 @@ class EagleWorker:
         return hidden, p, idx
 
     def after_prefill(self, fb, batch, new_slots, hidden, aux, done_reqs, tokens) -> None:
-        """Extend the draft over each prefilled chunk (the final chunk's last next-token is the sampled one)."""
-        sampled = {id(r): t for r, t in zip(done_reqs, tokens.tolist())} if tokens is not None else {}
+        """Store each prefilled chunk's aux states by slot, then (unless deferred) extend the draft over every
+        position it lacks: the chunk, and cached prefix positions whose draft KV was never computed. The final
+        chunk's last next-token is the one just sampled."""
         self._joined = self._joined or bool(done_reqs)
-        starts, toks, slots, reqs = [], [], [], []
-        for req, s in zip(batch, new_slots):
-            n = s.numel()
-            start = req.kv_len - n
-            nxt = req.all_ids[start + 1 : start + n + 1]
-            if len(nxt) < n:
-                nxt = nxt + [sampled[id(req)]]
-            reqs.append(req)
-            starts.append(start)
-            toks.append(nxt)
-            slots.append(s)
-        self._draft_extend(reqs, starts, toks, aux, slots)
+        for req in batch:
+            if "draft_len" not in req.draft_state:  # first chunk: the cached prefix's draft KV reaches this far
+                ready = self.draft_ready[req.slots[: req.num_prefix_slots]]
+                req.draft_state["draft_len"] = int(ready.numel() if ready.all() else ready.int().argmin())
+        slots = torch.cat(new_slots)
+        self.store_aux(slots.to(self.device, non_blocking=True), aux)
+        self.pending(slots)
+        if not self.defer_prefill:
+            sampled = {id(r): t for r, t in zip(done_reqs, tokens.tolist())} if tokens is not None else {}
+            self._catch_up(batch, sampled)
 
     def store_aux(self, out_cache_loc: torch.Tensor, aux: torch.Tensor) -> None:
         """Plain decode steps only keep the target's aux states (by KV slot, on the device, no sync); the draft
         consumes them when speculation resumes (`_catch_up`), so plain decoding pays no draft forward."""
         self.aux_pool[out_cache_loc] = aux
 
-    def _catch_up(self, reqs: list[Req]) -> None:
-        """Draft-extend the positions decoded without speculation (draft_len .. kv_len - 1) from the stored aux."""
+    def pending(self, slots: torch.Tensor) -> None:
+        """These slots (host tensor) now hold target KV whose aux states are stored and whose draft KV is not."""
+        self.draft_ready[slots] = False
+
+    def _catch_up(self, reqs: list[Req], sampled: dict[int, int] | None = None) -> None:
+        """Draft-extend the positions whose aux states are stored (draft_len .. kv_len - 1). The next token of the
+        last one is sampled[id(req)] where it is not committed yet (right after a prefill)."""
         starts, toks, slots = [], [], []
         for req in reqs:
             start = req.draft_state.get("draft_len", 0)
-            ids = req.all_ids
+            nxt = req.all_ids[start + 1 : req.kv_len + 1]
+            if len(nxt) < req.kv_len - start:
+                nxt = nxt + [sampled[id(req)]]
             starts.append(start)
-            toks.append(ids[start + 1 : req.kv_len + 1])
+            toks.append(nxt)
             slots.append(req.slots[start : req.kv_len])
-        aux = self.aux_pool[torch.cat(slots).to(self.device, non_blocking=True)]
+        flat = torch.cat(slots)
+        aux = self.aux_pool[flat.to(self.device, non_blocking=True)]
         self._draft_extend(reqs, starts, toks, aux, slots)
+        self.draft_ready[flat] = True
 
     # --- one speculative iteration ------------------------------------------------------------------------------
 
@@ -445,6 +456,7 @@ class EagleWorker:
         else:
             rows = torch.cat(keep_rows).to(dev)
             self._draft_extend(reqs, ext_starts, ext_tokens, aux[rows], ext_slots)
+        self.draft_ready[torch.cat(ext_slots)] = True
         eng._commit(reqs, new_tokens)
 
     def _sample_verify(self, reqs, logits, candidates, r_index, r_next, r_sib):

@@ -118,6 +118,21 @@ def test_spec_phases_script_splits_an_iteration(tmp_path):
     assert 0 < inside < phases["decode_step"] <= r["synced_ms_per_iteration"]
 
 
+def test_plain_mode_cost_script_runs_the_three_engines_in_turn(tmp_path):
+    module = load_script("plain_mode_cost")
+    out = tmp_path / "cost.json"
+    args = ["--device", "cpu", "--num-prompts", "2", "--max-tokens", "6", "--repeats", "2", "--out", str(out)]
+    assert module.main(args) == 0
+    r = json.loads(out.read_text())
+    assert set(r["tok_per_s"]) == set(module.SYSTEMS)
+    assert all(len(v) == 2 and min(v) > 0 for v in r["tok_per_s"].values())
+    assert r["ratio_to_plain"]["plain"] == 1.0
+    calls = r["ms_per_call"]
+    assert "plain:after_prefill" not in calls
+    assert calls["spec_plain_deferred:after_prefill"][0] == calls["spec_plain_prefill_draft:after_prefill"][0] > 0
+    assert calls["plain:prefill_forward"][0] == calls["spec_plain_deferred:prefill_forward"][0] > 0
+
+
 def test_lossless_script_compares_token_for_token(tmp_path):
     module = load_script("lossless_mtbench")
     out = tmp_path / "lossless.json"

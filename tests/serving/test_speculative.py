@@ -116,6 +116,47 @@ def test_spec_under_kv_pressure_chunking_and_prefix_cache(tmp_path):
     assert all(r.cached_tokens > 0 for r in again)
 
 
+def test_adaptive_plain_turn_pays_no_draft_forward_and_stays_in_the_prefix_cache(tmp_path):
+    """Adaptive mode decoding plainly runs no draft forward, not even over the prompt; the tokens it decodes still
+    enter the prefix cache (their aux states are stored by slot), and a later turn that speculates catches the draft
+    up over them and drafts exactly as an engine without the cache does."""
+    hf, target = tiny_target(vocab=8, layers=6)
+    draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
+    first = prompts_for(8, 1, seed=3)[0]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    reference = Engine(EngineConfig(max_total_tokens=2048), target)
+    ref1 = reference.generate([first], params)[0]
+    second = first + ref1.output_ids + [1, 2, 3]
+    ref2 = reference.generate([second], params)[0]
+    runs = {}
+    for cache in (True, False):
+        engine = Engine(
+            EngineConfig(
+                max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_radix_cache=not cache, **TREE
+            ),
+            target,
+        )
+        worker = engine.spec_worker
+        extends = []
+        draft_extend = worker._draft_extend
+        worker._draft_extend = lambda *a, log=extends, fn=draft_extend: log.append(len(a[0])) or fn(*a)
+        worker.should_speculate = lambda batch_size: False
+        turn1 = engine.generate([first], params)[0]
+        assert not extends
+        worker.should_speculate = lambda batch_size: True
+        turn2 = engine.generate([second], params)[0]
+        assert extends
+        assert turn1.output_ids == ref1.output_ids and turn2.output_ids == ref2.output_ids
+        runs[cache] = turn2
+        assert engine.allocator.num_free + engine.tree_cache.evictable_size == engine.allocator.capacity
+    # turn 1 leaves its prompt and 23 of its 24 tokens with KV; a speculative match gives back the last position.
+    assert runs[True].cached_tokens == len(first) + len(ref1.output_ids) - 2
+    assert runs[False].cached_tokens == 0
+    assert runs[True].spec.num_verify_steps > 0
+    assert runs[True].spec.num_accepted_tokens == runs[False].spec.num_accepted_tokens
+    assert runs[True].spec.num_verify_steps == runs[False].spec.num_verify_steps
+
+
 def test_eos_stop_strings_and_max_tokens_inside_an_accepted_run(tmp_path):
     hf, target = tiny_target(vocab=8, layers=6)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=4)
@@ -594,7 +635,10 @@ def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
     hf, target = tiny_target(vocab=64, layers=4)
     draft = make_draft(hf, tmp_path / "draft", draft_vocab=32, sharpen=4.0)
     engine = Engine(
-        EngineConfig(max_total_tokens=2048, speculative_draft_model_path=str(draft), **cfg), target
+        EngineConfig(
+            max_total_tokens=2048, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True, **cfg
+        ),
+        target,
     )
     for p in prompts_for(64, 3, seed=9):
         engine.submit(p, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
