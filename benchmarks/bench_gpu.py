@@ -34,7 +34,9 @@ def _prompts(engine, n):
 
 def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
     """Batch 1, greedy, one request after another; output tokens / wall time (Python overhead included), with the
-    default continuous decode steps (8 on CUDA) and with one step per scheduling round."""
+    default continuous decode steps (8 on CUDA) and with one step per scheduling round. One untimed pass over the
+    same prompts first: a fresh process's first pass also compiles kernels for new shapes, and in session 7 it ran
+    at 894 tokens/s against 1,053-1,174 for the next three (`benchmarks/plain_mode_cost.py`)."""
     from serving.config import EngineConfig
     from serving.engine import Engine
     from serving.sampling import SamplingParams
@@ -54,6 +56,7 @@ def smollm2_decode(n_prompts: int, max_tokens: int) -> dict:
         torch.cuda.synchronize()
         return reqs, time.perf_counter() - start
 
+    timed()
     reqs, elapsed = timed()
     tokens = sum(len(r.output_ids) for r in reqs)
     graph_ms = _graph_step_ms(engine)
