@@ -40,6 +40,7 @@ def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, d
     prompts = load_prompts("mtbench", 2 + 2 * num_prompts, engine.tokenizer)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     engine.generate(prompts[:2], params)  # compiles and captures outside the timed runs
+    engine.spec_worker.capture_graphs(1, max(len(p) for p in prompts) + max_tokens + ntok)
 
     def run(batch):
         _sync(dev)

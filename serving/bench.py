@@ -331,6 +331,17 @@ def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
     return engine
 
 
+def _warm_up(engine, prompts, batch: int, max_tokens: int) -> None:
+    """Compile and capture outside the timed runs: a batch of short requests, then the draft's CUDA graphs for every
+    batch bucket and prefix width the timed prompts can reach (otherwise each is captured inside the first timed
+    iteration that needs it, a fraction of a second each)."""
+    run_offline(engine, prompts[: min(max(4, batch), len(prompts))], 16, progress=False)
+    if engine.spec_worker is not None:
+        longest = max(len(p) for p in prompts) + max_tokens + engine.spec_worker.num_draft_tokens
+        engine.spec_worker.capture_graphs(batch, longest)
+    engine.flush_cache()  # the timed runs prefill every prompt
+
+
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median output tokens/s (the lower middle one for an even count), with every run's rate."""
     ordered = sorted(runs, key=lambda r: r["output_tokens_per_s"])
@@ -358,11 +369,9 @@ def cmd_offline(args) -> dict:
         engines = {"plain": _engine(args, False, batch, target)}
         if speculative:
             engines["speculative"] = _engine(args, True, batch, target)
-        # A full batch of warm-up requests compiles and captures what this batch size needs, for both systems,
-        # outside the timed runs; the prefix cache is emptied before each timed run so that it prefills every prompt.
-        warm = prompts[: min(max(4, batch), len(prompts))]
+        # The prefix cache is emptied before each timed run so that it prefills every prompt.
         for eng in engines.values():
-            run_offline(eng, warm, 16, progress=False)
+            _warm_up(eng, prompts, batch, args.max_tokens)
             eng.metrics = EngineMetrics(eng.model_name)  # acceptance figures without the warm-up
         # With --repeats N the systems alternate N times (plain, speculative, plain, ...): a drift of the machine's
         # speed during the run then reaches both alike. Each system reports its median run; the speedup is the
@@ -439,6 +448,7 @@ def cmd_sweep(args) -> dict:
     plain = _engine(args, False, args.batch_size)
     target = plain.target
     prompts = load_prompts(args.dataset, args.num_prompts, plain.tokenizer)
+    _warm_up(plain, prompts, args.batch_size, args.max_tokens)
     base = run_offline(plain, prompts, args.max_tokens, progress=not args.quiet)["output_tokens_per_s"]
     trials = []
     for cand in args.candidates.split(";"):
@@ -452,7 +462,7 @@ def cmd_sweep(args) -> dict:
             speculative_eagle_topk=topk,
             speculative_num_draft_tokens=ntok,
         )
-        run_offline(eng, prompts[:2], 16, progress=False)
+        _warm_up(eng, prompts, args.batch_size, args.max_tokens)
         res = run_offline(eng, prompts, args.max_tokens, progress=not args.quiet)
         trials.append(
             {

@@ -203,6 +203,12 @@ class EagleWorker:
         ntok = cfg.speculative_num_draft_tokens or (steps + 1 if topk == 1 else default[2])
         return steps, topk, ntok
 
+    def capture_graphs(self, batch_size: int, max_len: int) -> int:
+        """Capture the draft's CUDA graphs for every batch bucket up to batch_size's and every prefix width up to
+        max_len's now (they are otherwise captured on first use, each taking a fraction of a second inside a decode
+        iteration); returns how many were captured. A no-op without CUDA graphs."""
+        return sum(g.capture_up_to(batch_size, max_len) for g in (self.draft_graphs, self.extend_graphs) if g)
+
     def describe(self) -> str:
         return f"num_steps={self.num_steps} topk={self.topk} num_draft_tokens={self.num_draft_tokens}"
 
@@ -545,6 +551,28 @@ class _LazyGraphs:
     def _fn(self, bs: int, width: int):
         raise NotImplementedError
 
+    def _pad(self, bs: int) -> None:
+        """Fill the first bs requests' buffers as padding (row 0, scratch slot 0), so a capture outside an
+        iteration touches no live request's draft KV."""
+        raise NotImplementedError
+
+    def capture_up_to(self, batch_size: int, max_len: int) -> int:
+        """Capture now, not on first use inside an iteration, the graphs of every batch bucket up to batch_size's
+        and every prefix width up to max_len's; returns how many it captured."""
+        if not self.capture or self.failed:
+            return 0
+        top = self.bucket(min(batch_size, self.max_bs))
+        widths, top_width = [self.width(1)], self.width(max_len)
+        while widths[-1] < top_width:
+            widths.append(self.width(2 * widths[-1]))
+        before = len(self.graphs)
+        for bs in self.buckets[: self.buckets.index(top) + 1]:
+            for width in widths:
+                if (bs, width) not in self.graphs and not self.failed:
+                    self._pad(bs)
+                    self.replay((bs, width))
+        return len(self.graphs) - before
+
     def replay(self, key: tuple[int, int]) -> tuple:
         """The outputs for the buffers' current contents: graph replay, capturing it first if new."""
         if self.capture and key not in self.graphs and not self.failed:
@@ -610,6 +638,14 @@ class _DraftExtendGraphs(_LazyGraphs):
             self.ids[:n], self.aux[:n], self.positions[:n], self.loc[:n], self.rows[:bs], self.seq_lens[:bs],
             self.last[:bs], width,
         )  # fmt: skip
+
+    def _pad(self, bs: int) -> None:
+        n = bs * self.per_req
+        for buf in (self.ids, self.positions, self.loc, self.aux):
+            buf[:n].zero_()
+        self.rows[:bs].zero_()
+        self.seq_lens[:bs].fill_(1)
+        self.last[:bs].copy_(torch.arange(bs, device=self.last.device) * self.per_req)
 
     def run(self, reqs: list[Req], starts: list[int], tokens: list[list[int]], slots: list[torch.Tensor],
             aux_rows: list[torch.Tensor], aux: torch.Tensor) -> None:  # fmt: skip
@@ -716,13 +752,16 @@ class _DraftTreeGraphs(_LazyGraphs):
             self.topk_p[:bs], self.topk_index[:bs], self.hidden[:bs], self.seq_lens[:bs], self.rows[:bs], width
         )
 
+    def _pad(self, bs: int, start: int = 0) -> None:
+        for buf in (self.topk_p, self.topk_index, self.hidden, self.rows):
+            buf[start:bs].zero_()
+        self.seq_lens[start:bs].fill_(1)
+
     def run(self, topk_p, topk_index, hidden, seq_lens, rows, max_len: int):
         b = topk_p.shape[0]
         bs = self.bucket(b)
         if bs != b:
-            for buf in (self.topk_p, self.topk_index, self.hidden, self.rows):
-                buf[b:bs].zero_()
-            self.seq_lens[b:bs].fill_(1)
+            self._pad(bs, start=b)
         self.topk_p[:b].copy_(topk_p)
         self.topk_index[:b].copy_(topk_index)
         self.hidden[:b].copy_(hidden)

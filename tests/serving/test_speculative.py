@@ -656,6 +656,56 @@ def test_draft_tree_on_fixed_buffers_equals_the_eager_tree(tmp_path, cfg):
     assert buffered[2].shape == (3, worker.num_draft_tokens - 1)
 
 
+def test_capturing_the_draft_graphs_ahead_touches_no_live_request(tmp_path, monkeypatch):
+    """capture_graphs captures every batch bucket and prefix width up to the asked ones, on padded buffers: live
+    requests' draft KV stays as it was, and decoding continues losslessly through the captured graphs."""
+    from serving import cuda_graph_runner
+    from serving.speculative.eagle_worker import _DraftExtendGraphs, _DraftTreeGraphs
+
+    class Graph:  # a CUDA graph's contract, on CPU: each replay rewrites the outputs returned at capture
+        def __init__(self, fn):
+            self.fn, self.out = fn, fn()
+
+        def replay(self):
+            for old, new in zip(self.out, self.fn()):
+                old.copy_(new)
+
+    def capture(fn, pool):
+        graph = Graph(fn)
+        return graph, graph.out
+
+    monkeypatch.setattr(cuda_graph_runner, "capture_graph", capture)
+    target, draft, prompts, params, plain = plain_reference(tmp_path, 8, 6, 3, seed=4, max_tokens=40,
+                                                            max_total_tokens=4096)  # fmt: skip
+    engine = Engine(
+        EngineConfig(
+            max_total_tokens=4096, speculative_draft_model_path=str(draft), disable_speculative_adaptive=True,
+            **SMALL_TREE,
+        ),
+        target,
+    )  # fmt: skip
+    worker = engine.spec_worker
+    worker.draft_graphs = _DraftTreeGraphs(worker, max_bs=8, capture=False)
+    worker.extend_graphs = _DraftExtendGraphs(worker, max_bs=8, capture=False)
+    reqs = [engine.submit(p, params, stream=False) for p in prompts]
+    while not reqs[0].spec or reqs[0].spec.num_verify_steps < 2:
+        engine.step()
+    k, v = worker.draft_kv.k.clone(), worker.draft_kv.v.clone()
+    for graphs in (worker.draft_graphs, worker.extend_graphs):
+        graphs.capture = True
+    widths = sorted({worker.draft_graphs.width(n) for n in (1, 300)})
+    assert widths[0] < widths[-1]
+    assert worker.capture_graphs(3, 300) == 2 * 3 * len(widths)
+    expected = {(b, w) for b in (1, 2, 4) for w in widths}
+    assert set(worker.draft_graphs.graphs) == set(worker.extend_graphs.graphs) == expected
+    assert torch.equal(worker.draft_kv.k[:, 1:], k[:, 1:]) and torch.equal(worker.draft_kv.v[:, 1:], v[:, 1:])
+    assert worker.capture_graphs(3, 300) == 0
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in plain]
+    assert sum(r.spec.num_accepted_tokens for r in reqs) > 0
+
+
 def test_speculation_resumes_after_plain_stretches_with_the_stored_aux_states(tmp_path):
     """Plain steps (several tokens each) between speculative ones: the draft catches up from the aux states the
     plain steps stored, output stays lossless, and the drafts keep getting accepted."""
