@@ -332,9 +332,11 @@ def _engine(args, speculative: bool, batch: int, target=None, **spec_overrides):
 
 
 def _warm_up(engine, prompts, batch: int, max_tokens: int) -> None:
-    """Compile and capture outside the timed runs: a batch of short requests, then the draft's CUDA graphs for every
-    batch bucket and prefix width the timed prompts can reach (otherwise each is captured inside the first timed
-    iteration that needs it, a fraction of a second each)."""
+    """Compile and capture outside the timed runs: every prompt's prefill (kernels compile per shape class), a batch
+    of short requests, then the draft's CUDA graphs for every batch bucket and prefix width the timed prompts can
+    reach (otherwise each is captured inside the first timed iteration that needs it, a fraction of a second each)."""
+    run_offline(engine, prompts, 2, progress=False)
+    engine.flush_cache()
     run_offline(engine, prompts[: min(max(4, batch), len(prompts))], 16, progress=False)
     if engine.spec_worker is not None:
         longest = max(len(p) for p in prompts) + max_tokens + engine.spec_worker.num_draft_tokens
