@@ -133,6 +133,22 @@ def test_plain_mode_cost_script_runs_the_three_engines_in_turn(tmp_path):
     assert calls["plain:prefill_forward"][0] == calls["spec_plain_deferred:prefill_forward"][0] > 0
 
 
+def test_adaptive_trace_script_accounts_for_every_decode_iteration(tmp_path):
+    module = load_script("adaptive_trace")
+    out = tmp_path / "trace.json"
+    args = ["--device", "cpu", "--batch-sizes", "2", "--num-prompts", "3", "--max-tokens", "6", "--passes", "2",
+            "--warm-up", "short", "--out", str(out)]  # fmt: skip
+    assert module.main(args) == 0
+    (passes,) = json.loads(out.read_text()).values()
+    assert len(passes) == 2
+    for row in passes:
+        for name, r in row.items():
+            assert r["speculative_iterations"] + r["plain_iterations"] == len(r["iterations"]) > 0
+            # every output token but each request's first (from its prefill) comes from a decode iteration
+            assert r["speculative_tokens"] + r["plain_tokens"] == 3 * 6 - 3
+            assert name == "speculative" or r["speculative_iterations"] == 0
+
+
 def test_lossless_script_compares_token_for_token(tmp_path):
     module = load_script("lossless_mtbench")
     out = tmp_path / "lossless.json"
