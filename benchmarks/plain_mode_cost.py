@@ -71,6 +71,7 @@ def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None)
     calls: dict[str, list[float]] = {}
 
     def timed(obj, attr, key):
+        """key: a name, or a function of the call's first argument that gives one."""
         fn = getattr(obj, attr)
 
         def wrapper(*args, **kwargs):
@@ -78,7 +79,7 @@ def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
             _sync(dev)
-            calls.setdefault(key, []).append(time.perf_counter() - t0)
+            calls.setdefault(key(args[0]) if callable(key) else key, []).append(time.perf_counter() - t0)
             return out
 
         setattr(obj, attr, wrapper)
@@ -86,7 +87,11 @@ def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None)
     for name, engine in engines.items():
         timed(engine.runner, "decode_greedy_steps", f"{name}:greedy_steps")
         timed(engine.runner, "decode", f"{name}:decode")
-        timed(engine.runner, "forward", f"{name}:prefill_forward")
+        # eager forwards: prefills, and (without CUDA graphs) the decode steps inside runner.decode
+        def phase(fb, name=name):
+            return f"{name}:{'decode' if fb.mode.is_decode else 'prefill'}_forward"
+
+        timed(engine.runner, "forward", phase)
         if engine.spec_worker is not None:
             timed(engine.spec_worker, "after_prefill", f"{name}:after_prefill")
         engine.generate(timed_prompts[: max(1, num_prompts // 4)], params)
