@@ -28,7 +28,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m = x.shape[0]
     if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 2 or not 0 < m <= SMALL_M_CPU:
         return F.linear(x, weight, bias)
-    rows = x.repeat(2, 1) if m == 1 else x
+    rows = torch.cat([x, x]) if m == 1 else x  # cat: a fifth of repeat's fixed cost at this size
     y = (weight @ rows.t())[:, :m].t()
     if bias is not None:
         y = y + bias
