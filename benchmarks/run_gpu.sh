@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU table of docs/benchmarks.md in one command (one H200: about 8 minutes):
+# Every GPU table of docs/benchmarks.md in one command (one H200: 415 s in session 7, warm-up since grown):
 #   bash benchmarks/run_gpu.sh [OUT_DIR]        (default: bench_out/)
 # Kernels at Llama-3.1-8B shapes, the SmolLM2 engine (decode speed, greedy agreement with the torch path,
 # transformers baseline), Llama-3.1-8B-shape step costs, and speculative serving with the bundled draft over the 80
