@@ -653,35 +653,36 @@ class _DraftExtendGraphs(_LazyGraphs):
         tokens[i] the *next* tokens, slots[i] their KV slots, aux_rows[i] their rows in the verify's aux [B*N, 3H]."""
         b, e = len(reqs), self.per_req
         bs = self.bucket(b)
-        ids = torch.zeros(bs, e, dtype=torch.int64)
-        positions = torch.zeros(bs, e, dtype=torch.int64)
-        loc = torch.zeros(bs, e, dtype=torch.int64)
-        rows_in = torch.zeros(bs, e, dtype=torch.int64)
-        seq_lens = torch.ones(bs, dtype=torch.int64)
-        last = torch.arange(bs, dtype=torch.int64) * e
-        req_rows = torch.zeros(bs, dtype=torch.int64)
-        for i, (req, start, toks, kept, path) in enumerate(zip(reqs, starts, tokens, slots, aux_rows)):
-            n = len(toks)
-            ids[i, :n] = torch.tensor(toks)
-            positions[i] = start + torch.arange(e).clamp(max=n - 1)  # padding repeats the last position
-            loc[i, :n] = kept
-            rows_in[i, :n] = path
-            rows_in[i, n:] = path[n - 1]
-            seq_lens[i] = start + n
-            last[i] += n - 1
-            req_rows[i] = req.row
-        dev = self.worker.device
-        n_tok = bs * e
-        self.ids[:n_tok].copy_(ids.view(-1), non_blocking=True)
-        self.positions[:n_tok].copy_(positions.view(-1), non_blocking=True)
-        self.loc[:n_tok].copy_(loc.view(-1), non_blocking=True)
-        self.aux[:n_tok].copy_(aux[rows_in.view(-1).to(dev, non_blocking=True)])
-        self.rows[:bs].copy_(req_rows, non_blocking=True)
-        self.seq_lens[:bs].copy_(seq_lens, non_blocking=True)
-        self.last[:bs].copy_(last, non_blocking=True)
-        out = self.replay((bs, self.width(int(seq_lens.max()))))
+        pad = bs - b
+        # Host rows as plain lists, one tensor per buffer: per request, n real tokens then e - n of padding (token 0,
+        # scratch slot 0, the last real position and aux row); padded requests: row 0, one token.
+        ids, positions, loc, rows_in = [], [], [], []
+        for start, toks, kept, path in zip(starts, tokens, slots, aux_rows):
+            n, gap = len(toks), e - len(toks)
+            path = path.tolist()
+            ids += toks + [0] * gap
+            positions += [start + min(j, n - 1) for j in range(e)]
+            loc += kept.tolist() + [0] * gap
+            rows_in += path + [path[-1]] * gap
+        for buf in (ids, positions, loc, rows_in):
+            buf += [0] * (pad * e)
+        seq_lens = [start + len(toks) for start, toks in zip(starts, tokens)] + [1] * pad
+        last = [i * e + len(toks) - 1 for i, toks in enumerate(tokens)] + [i * e for i in range(b, bs)]
+        dev, n_tok = self.worker.device, bs * e
+
+        def fill(buf, values):
+            buf[: len(values)].copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
+
+        fill(self.ids, ids)
+        fill(self.positions, positions)
+        fill(self.loc, loc)
+        self.aux[:n_tok].copy_(aux[torch.tensor(rows_in).to(dev, non_blocking=True)])
+        fill(self.rows, [req.row for req in reqs] + [0] * pad)
+        fill(self.seq_lens, seq_lens)
+        fill(self.last, last)
+        out = self.replay((bs, self.width(max(seq_lens))))
         hidden, p, idx = (o[:b].clone() for o in out)  # the buffers are rewritten by the next replay
-        self.worker._store_draft_state(reqs, hidden, p, idx, seq_lens.tolist())
+        self.worker._store_draft_state(reqs, hidden, p, idx, seq_lens)
 
 
 class _TreeDraftAttention:
