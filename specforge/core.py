@@ -46,6 +46,7 @@ class TTTAttention:
         self.causal_mask: torch.Tensor | None = None  # [B, 1, T(q), T(k)], unfused only
         self.keys: list[torch.Tensor] = []  # each [B, Hq, T, D] (unfused) / [B, Hkv, T, D] (fused)
         self.values: list[torch.Tensor] = []
+        self.causal_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # fused: step 0's K/V per query head
 
     def use_fused(self, q: torch.Tensor) -> bool:
         if self.fused is None:
@@ -65,7 +66,9 @@ def ttt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: TTTAtt
     if ctx.use_fused(q):
         ctx.keys.append(k.view(b, t, hkv, d).transpose(1, 2))
         ctx.values.append(v.view(b, t, hkv, d).transpose(1, 2))
-        k0, v0 = (x.repeat_interleave(g, dim=1).contiguous() for x in (ctx.keys[0], ctx.values[0]))
+        if ctx.causal_kv is None:
+            ctx.causal_kv = tuple(x.repeat_interleave(g, dim=1).contiguous() for x in (ctx.keys[0], ctx.values[0]))
+        k0, v0 = ctx.causal_kv
         if len(ctx.keys) > 1:
             kd = torch.stack(ctx.keys[1:], dim=3).repeat_interleave(g, dim=1)  # [B, Hq, T, S, D]
             vd = torch.stack(ctx.values[1:], dim=3).repeat_interleave(g, dim=1)
