@@ -16,17 +16,10 @@ import json
 import sys
 import time
 
-import torch
-
 from serving import cuda_graph_runner
 from serving.bench import _engine, _warm_up, build_parser, load_prompts, run_offline
 
 SYSTEMS = ("plain", "speculative")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _trace(engine, iterations: list) -> None:
@@ -44,7 +37,7 @@ def _trace(engine, iterations: list) -> None:
         captures = cuda_graph_runner.captures
         start = time.perf_counter()
         run_decode()
-        _sync(engine.device)
+        engine.cuda_sync()
         tokens = sum(len(r.output_ids) for r in reqs) - before
         iterations.append((last["speculative"], len(reqs), tokens, time.perf_counter() - start,
                            cuda_graph_runner.captures - captures))  # fmt: skip

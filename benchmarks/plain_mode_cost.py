@@ -15,19 +15,12 @@ import statistics
 import sys
 import time
 
-import torch
-
 from serving.bench import load_prompts
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.sampling import SamplingParams
 
 SYSTEMS = ("plain", "spec_plain_deferred", "spec_plain_prefill_draft")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _engines(device: str | None) -> dict[str, Engine]:
@@ -47,7 +40,7 @@ def _engines(device: str | None) -> dict[str, Engine]:
 
 def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None) -> dict:
     engines = _engines(device)
-    dev = engines["plain"].device
+    dev, sync = engines["plain"].device, engines["plain"].cuda_sync
     prompts = load_prompts("mtbench", 3 + num_prompts, engines["plain"].tokenizer)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     for engine in engines.values():
@@ -55,10 +48,10 @@ def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None)
     timed_prompts = prompts[3:]
 
     def run(engine):
-        _sync(dev)
+        sync()
         start = time.perf_counter()
         reqs = engine.generate(timed_prompts, params)
-        _sync(dev)
+        sync()
         return sum(len(r.output_ids) for r in reqs) / (time.perf_counter() - start), [r.output_ids for r in reqs]
 
     rates = {name: [] for name in SYSTEMS}
@@ -75,10 +68,10 @@ def measure(num_prompts: int, max_tokens: int, repeats: int, device: str | None)
         fn = getattr(obj, attr)
 
         def wrapper(*args, **kwargs):
-            _sync(dev)
+            sync()
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(dev)
+            sync()
             calls.setdefault(key(args[0]) if callable(key) else key, []).append(time.perf_counter() - t0)
             return out
 

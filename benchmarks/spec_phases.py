@@ -13,19 +13,12 @@ import json
 import sys
 import time
 
-import torch
-
 from serving.bench import load_prompts
 from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.sampling import SamplingParams
 
 PHASES = ["_catch_up", "_grow_tree", "_build_tree", "_verify_greedy", "_draft_extend"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, device: str | None) -> dict:
@@ -43,10 +36,10 @@ def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, d
     engine.spec_worker.capture_graphs(1, max(len(p) for p in prompts) + max_tokens + ntok)
 
     def run(batch):
-        _sync(dev)
+        engine.cuda_sync()
         start = time.perf_counter()
         reqs = engine.generate(batch, params)
-        _sync(dev)
+        engine.cuda_sync()
         iters = sum(r.spec.num_verify_steps for r in reqs)
         return time.perf_counter() - start, iters, sum(len(r.output_ids) for r in reqs)
 
@@ -55,10 +48,10 @@ def measure(config: str, draft: str | None, num_prompts: int, max_tokens: int, d
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            _sync(dev)
+            engine.cuda_sync()
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(dev)
+            engine.cuda_sync()
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
             return out
 

@@ -101,13 +101,11 @@ def run_offline(engine, prompts, max_tokens: int, progress: bool = True) -> dict
 
     for i, p in enumerate(prompts):
         engine.submit(p, params, on_output, rid=f"bench-{i}")
-    if engine.cuda_sync is not None:
-        engine.cuda_sync()
+    engine.cuda_sync()
     start = time.perf_counter()
     while len(done) < len(prompts):
         engine.step()
-    if engine.cuda_sync is not None:
-        engine.cuda_sync()
+    engine.cuda_sync()
     elapsed = time.perf_counter() - start
     bar.close()
     return summarize(done, elapsed, stamps, start)
@@ -336,7 +334,6 @@ def _warm_up(engine, prompts, batch: int, max_tokens: int) -> None:
     of short requests, then the draft's CUDA graphs for every batch bucket and prefix width the timed prompts can
     reach (otherwise each is captured inside the first timed iteration that needs it, a fraction of a second each)."""
     run_offline(engine, prompts, 2, progress=False)
-    engine.flush_cache()
     run_offline(engine, prompts[: min(max(4, batch), len(prompts))], 16, progress=False)
     if engine.spec_worker is not None:
         longest = max(len(p) for p in prompts) + max_tokens + engine.spec_worker.num_draft_tokens

@@ -59,7 +59,8 @@ class Engine:
 
             self.spec_worker = EagleWorker(self)
         self.runner.init_cuda_graphs()
-        self.cuda_sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        # waits for the device's queued work (timing); nothing to wait for on CPU
+        self.cuda_sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     # --- public API (thread-safe) -----------------------------------------------------------------------------
 
