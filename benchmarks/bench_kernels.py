@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
 BF16_TOL = 2e-2
+KV_LAYOUTS = ("slot", "head")
 
 
 def bench_ms(fn, warmup: int, rep: int, device: str) -> float:
@@ -91,14 +92,25 @@ def copy_bandwidth(size_bytes: int, warmup: int, rep: int, device: str) -> dict:
     return {"bytes_moved": moved, "time_us": ms * 1e3, "GBps": moved / (ms * 1e-3) / 1e9}
 
 
-def make_paged_cache(batch: int, prefix: int, extra_tokens: int, gen: torch.Generator, dtype: torch.dtype):
+def make_paged_cache(
+    batch: int, prefix: int, extra_tokens: int, gen: torch.Generator, dtype: torch.dtype, layout: str = "slot"
+):
     """K/V buffers holding `prefix` tokens per request (contiguous slot runs, requests in shuffled order) plus room
-    for `extra_tokens` new tokens per request; req_to_token [batch + 3, prefix + extra_tokens]."""
+    for `extra_tokens` new tokens per request; req_to_token [batch + 3, prefix + extra_tokens].
+
+    The buffers are [num_slots, Hkv, D] views either way. layout "slot" stores them so (one slot's heads side by
+    side, the engine's pool); "head" stores [Hkv, num_slots, D], so that one head's keys of a slot run are one
+    contiguous range."""
     per_req = prefix + extra_tokens
     num_slots = batch * per_req + 1
     dev = gen.device
-    k_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
-    v_buffer = torch.randn(num_slots, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"unknown KV layout {layout!r}; expected one of {', '.join(KV_LAYOUTS)}")
+    shape = (num_slots, NUM_KV_HEADS, HEAD_DIM) if layout == "slot" else (NUM_KV_HEADS, num_slots, HEAD_DIM)
+    k_buffer = torch.randn(shape, generator=gen, device=dev, dtype=dtype)
+    v_buffer = torch.randn(shape, generator=gen, device=dev, dtype=dtype)
+    if layout == "head":
+        k_buffer, v_buffer = k_buffer.transpose(0, 1), v_buffer.transpose(0, 1)
     req_pool_indices = torch.randperm(batch + 3, generator=gen, device=dev)[:batch]
     req_to_token = torch.zeros(batch + 3, per_req, dtype=torch.int32, device=dev)
     order = torch.randperm(batch, generator=gen, device=dev)
@@ -138,13 +150,13 @@ def auto_extend_splits(batch: int, prefix: int, tree_tokens: int, device: torch.
     return module.choose_num_kv_splits(batch, NUM_KV_HEADS, num_m_blocks, prefix, block_n, num_sms(device))
 
 
-def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtype):
+def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtype, layout: str = "slot"):
     """Decode inputs over a paged cache -> (run(num_kv_splits, precise_pv) -> out, fp32-reference output, sdpa() on
     the gathered K/V -> [B, Hq, D], bytes that must move)."""
     from kernels import decode_attention, decode_attention_ref
 
     dev = gen.device
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, 0, gen, dtype)
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, 0, gen, dtype, layout)
     seq_lens = torch.full((batch,), prefix, dtype=torch.int32, device=dev)
     q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
     scale = HEAD_DIM**-0.5
@@ -166,10 +178,10 @@ def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtyp
     return run, ref, (lambda: sdpa(q4, k, v, None)[:, :, 0]), nbytes
 
 
-def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
+def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True, layout="slot") -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     dev = gen.device
-    run, ref, run_sdpa, nbytes = decode_case(batch, prefix, gen, dtype)
+    run, ref, run_sdpa, nbytes = decode_case(batch, prefix, gen, dtype, layout)
     err = (run(num_kv_splits, precise_pv).float() - ref.float()).abs().max().item()
     ms = bench_ms(lambda: run(num_kv_splits, precise_pv), warmup, rep, dev.type)
     sdpa_err = (run_sdpa().float() - ref.float()).abs().max().item()
@@ -177,6 +189,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_
     return {
         "kernel": "decode_attention",
         "precise_pv": precise_pv,
+        "kv_layout": layout,
         "batch": batch,
         "prefix": prefix,
         "query_tokens": 1,
@@ -207,13 +220,16 @@ def random_tree_mask(batch, num_nodes, gen) -> torch.Tensor:
     return mask
 
 
-def tree_case(batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, dtype: torch.dtype):
+def tree_case(
+    batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, dtype: torch.dtype, layout: str = "slot"
+):
     """Tree-verify inputs (tree_tokens per request under a random tree mask, over a paged prefix) -> (run(num_kv_splits,
     precise_pv) -> out, fp32-reference output, sdpa() on the gathered K/V -> [N, Hq, D], bytes that must move)."""
     from kernels import extend_attention, extend_attention_ref
 
     dev = gen.device
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(batch, prefix, tree_tokens, gen, dtype)
+    cache = make_paged_cache(batch, prefix, tree_tokens, gen, dtype, layout)
+    k_buffer, v_buffer, req_to_token, req_pool_indices = cache
     num_tokens = batch * tree_tokens
     q = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
     k_new = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=dev, dtype=dtype)
@@ -254,10 +270,12 @@ def tree_case(batch: int, prefix: int, tree_tokens: int, gen: torch.Generator, d
     return run, ref, run_sdpa, nbytes
 
 
-def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True) -> dict:
+def bench_tree_verify(
+    batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True, layout="slot"
+) -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     dev = gen.device
-    run, ref, run_sdpa, nbytes = tree_case(batch, prefix, tree_tokens, gen, dtype)
+    run, ref, run_sdpa, nbytes = tree_case(batch, prefix, tree_tokens, gen, dtype, layout)
     err = (run(num_kv_splits, precise_pv).float() - ref.float()).abs().max().item()
     ms = bench_ms(lambda: run(num_kv_splits, precise_pv), warmup, rep, dev.type)
     sdpa_err = (run_sdpa().float() - ref.float()).abs().max().item()
@@ -265,6 +283,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
     return {
         "kernel": "extend_attention (tree verify)",
         "precise_pv": precise_pv,
+        "kv_layout": layout,
         "batch": batch,
         "prefix": prefix,
         "query_tokens": tree_tokens,
@@ -286,7 +305,7 @@ def bench_tree_verify(batch, prefix, tree_tokens, num_kv_splits, warmup, rep, ge
 def print_table(copy: dict, rows: list[dict]) -> None:
     print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s\n")
     header = (
-        f"{'kernel':<32}{'P.V':>8}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
+        f"{'kernel':<32}{'P.V':>8}{'KV':>6}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
         f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
     )
     print(header)
@@ -297,7 +316,8 @@ def print_table(copy: dict, rows: list[dict]) -> None:
             continue
         splits = f"auto({r['num_kv_splits']})" if r.get("auto_splits") else str(r["num_kv_splits"])
         print(
-            f"{r['kernel']:<32}{'precise' if r['precise_pv'] else 'bf16':>8}{r['batch']:>4}{splits:>10}"
+            f"{r['kernel']:<32}{'precise' if r['precise_pv'] else 'bf16':>8}{r.get('kv_layout', 'slot'):>6}"
+            f"{r['batch']:>4}{splits:>10}"
             f"{r['time_us']:>10.1f}{r['GBps']:>8.0f}"
             f"{r['pct_of_copy']:>7.1f}{r['sdpa_time_us']:>10.1f}{r['sdpa_pct_of_copy']:>8.1f}"
             f"{r['speedup_vs_sdpa']:>9.2f}{r['max_abs_err']:>10.2e}  {'yes' if r['ok'] else 'NO'}"
@@ -342,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pv", default="precise,bf16", help="P.V variants: precise (split probabilities, the default) and/or bf16"
     )
+    parser.add_argument(
+        "--kv-layout",
+        default="slot",
+        help="KV buffer layouts to time, comma-separated: slot ([num_slots, Hkv, D], the engine's pool) and/or head "
+        "([Hkv, num_slots, D] storage under the same view)",
+    )
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
     parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
@@ -374,15 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     copy = copy_bandwidth(args.copy_mib << 20, args.warmup, args.rep, args.device)
     rows: list[dict] = []
     pvs = [v == "precise" for v in args.pv.split(",") if v]
-    cases = [("decode_attention", b, s, pv) for pv in pvs for b in batch_sizes for s in decode_splits]
-    cases += [("extend_attention (tree verify)", b, s, pv) for pv in pvs for b in batch_sizes for s in extend_splits]
-    for name, batch, splits, pv in cases:
+    layouts = [v for v in args.kv_layout.split(",") if v]
+    for layout in layouts:
+        if layout not in KV_LAYOUTS:
+            parser.error(f"--kv-layout: unknown layout {layout!r}; expected {', '.join(KV_LAYOUTS)}")
+    cases = [
+        ("decode_attention", b, s, pv, kl) for kl in layouts for pv in pvs for b in batch_sizes for s in decode_splits
+    ]
+    cases += [
+        ("extend_attention (tree verify)", b, s, pv, kl)
+        for kl in layouts for pv in pvs for b in batch_sizes for s in extend_splits
+    ]  # fmt: skip
+    for name, batch, splits, pv, layout in cases:
         try:
             if name == "decode_attention":
-                row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype, pv)
+                row = bench_decode(batch, args.prefix, splits, args.warmup, args.rep, gen, dtype, pv, layout)
             else:
                 row = bench_tree_verify(
-                    batch, args.prefix, args.tree_tokens, splits, args.warmup, args.rep, gen, dtype, pv
+                    batch, args.prefix, args.tree_tokens, splits, args.warmup, args.rep, gen, dtype, pv, layout
                 )
             row["pct_of_copy"] = 100 * row["GBps"] / copy["GBps"]
             row["sdpa_pct_of_copy"] = 100 * row["sdpa_GBps"] / copy["GBps"]
@@ -390,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one broken case must not lose the others' numbers
             traceback.print_exc()
             row = {
-                "kernel": name, "precise_pv": pv, "batch": batch, "num_kv_splits": splits,
+                "kernel": name, "precise_pv": pv, "kv_layout": layout, "batch": batch, "num_kv_splits": splits,
                 "error": f"{type(e).__name__}: {e}",
             }  # fmt: skip
         finally:

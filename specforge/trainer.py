@@ -318,6 +318,12 @@ class Trainer:
                              f"accumulation)")
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = args.total_steps or args.num_epochs * steps_per_epoch
+        # --max-num-steps below --total-steps is a deliberate pause (resumable); running out of epochs is not.
+        epochs_end = args.num_epochs * steps_per_epoch
+        if epochs_end < min(self.total_steps, args.max_num_steps or self.total_steps):
+            self._log(f"warning: training ends at step {epochs_end} (--num-epochs {args.num_epochs} x "
+                      f"{steps_per_epoch} steps per epoch), before --total-steps {self.total_steps}: the learning "
+                      f"rate will not have decayed to zero")
         self._build_optimizer()
         self.global_step, self.epoch, self.micro_in_epoch = 0, 0, 0
         self.resumed_from = None

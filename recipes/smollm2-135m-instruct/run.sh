@@ -4,7 +4,7 @@
 #   bash recipes/smollm2-135m-instruct/run.sh 2          # two GPUs on this host
 #   bash recipes/smollm2-135m-instruct/run.sh 1 --resume # continue from outputs/.../latest
 # Extra arguments go to `specforge train` and win over config.json. The draft lands in
-# outputs/smollm2-135m-instruct-eagle3/epoch_<E>_step_3000/ (and `latest` names the newest).
+# outputs/smollm2-135m-instruct-eagle3/epoch_<E>_step_4800/ (and `latest` names the newest).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NUM_GPUS="${1:-1}"

@@ -58,6 +58,24 @@ def test_bench_smoke_on_cpu_writes_checked_results(tmp_path):
     assert plot.exists() == with_plot and (not with_plot or plot.stat().st_size > 1000)
 
 
+def test_bench_times_both_kv_layouts_and_rejects_unknown(tmp_path):
+    """--kv-layout slot,head: the same cases over [num_slots, Hkv, D] storage and over [Hkv, num_slots, D] storage
+    seen through the same view; both match the reference. An unknown layout is refused by name."""
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--out", str(out), "--batch-sizes", "2", "--prefix", "19", "--tree-tokens", "5"]
+    args += ["--num-kv-splits", "2", "--extend-kv-splits", "auto", "--pv", "precise", "--copy-mib", "1"]
+    proc = _run([*args, "--kv-layout", "slot,head"], interpret=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["kernel"], r["kv_layout"]) for r in rows] == [
+        ("decode_attention", "slot"), ("decode_attention", "head"),
+        ("extend_attention (tree verify)", "slot"), ("extend_attention (tree verify)", "head"),
+    ]  # fmt: skip
+    assert all(r["ok"] and r["max_abs_err"] < 1e-2 for r in rows)
+    bad = _run([*args, "--kv-layout", "slot,diagonal"], interpret=True)
+    assert bad.returncode == 2 and "unknown layout 'diagonal'" in bad.stderr
+
+
 def test_tune_script_smoke_on_cpu(tmp_path):
     """The launch sweep's code path on tiny shapes through the interpreter: one configuration per kernel is timed
     and checked against its reference, then timed again, and everything lands in the JSON."""

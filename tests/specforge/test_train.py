@@ -380,3 +380,19 @@ def test_remap_lm_head_maps_new_rows_through_the_least_squares_fit():
     assert "2 rows kept, 2 mapped" in report and "residual 0.00" in report
     same, report = remap_lm_head(None, src_ids, torch.tensor([3, 7]), target)
     torch.testing.assert_close(same, target[[3, 7]])
+
+
+def test_epochs_ending_before_the_lr_schedule_are_reported(assets, tmp_path, capsys):
+    """40 rows in batches of 4: 10 steps per epoch. With --total-steps 30 one epoch ends the run while the cosine
+    schedule is a third through, which is said at the start. A schedule that fits, or a deliberate stop at
+    --max-num-steps (resumable), says nothing."""
+    data = str(assets["data"])
+    assert main(common(assets, tmp_path / "short", "--data-path", data, "--num-epochs", "1", "--total-steps", "30",
+                       "--eval-holdout", "0")) == 0
+    out = capsys.readouterr().out
+    assert "training ends at step 10" in out and "--total-steps 30" in out
+    lrs = [r["lr"] for r in metrics(tmp_path / "short", "train")]
+    assert lrs[-1] > 0.5 * 3e-3  # the schedule did not finish
+    assert main(common(assets, tmp_path / "fits", "--data-path", data, "--num-epochs", "1", "--total-steps", "10",
+                       "--max-num-steps", "2", "--eval-holdout", "0")) == 0
+    assert "training ends at step" not in capsys.readouterr().out
