@@ -7,7 +7,8 @@ implies: what a draft will achieve when served, measured without serving it.
 MT-Bench (default): the target answers the 80 first turns greedily (128 tokens, the engine on CPU in fp32), then
 each draft is unrolled over prompt + answer exactly as in training (specforge.core), counting answer tokens only.
 --conversations instead scores the first assistant turn of normalized JSONL rows (e.g. `specforge regenerate`
-output), and --split-at reports answer tokens before and after that position separately.
+output), and --split-at reports answer tokens before and after that position separately. --by-category also
+scores each MT-Bench category (writing, roleplay, reasoning, math, coding, extraction, stem, humanities) alone.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128, help="MT-Bench answer length")
     p.add_argument("--ttt-length", type=int, default=3, help="draft positions scored (the chain's num_steps)")
     p.add_argument("--split-at", type=int, default=None, help="also score answer tokens before / after this index")
+    p.add_argument("--by-category", action="store_true", help="MT-Bench: also score each question category alone")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.by_category and args.conversations:
+        p.error("--by-category needs MT-Bench (the conversations carry no category)")
 
     from serving.models.loader import resolve_model_path
     from specforge.target import TargetModel, load_tokenizer
@@ -86,15 +90,21 @@ def main(argv=None) -> int:
         pairs = conversation_answers(args.conversations, args.num_prompts, load_tokenizer(folder))
     else:
         pairs = mtbench_answers(args.num_prompts, args.max_tokens)
+    categories = [None] * len(pairs)
+    if args.by_category:
+        from specbundle.assets import mtbench_questions
+
+        categories = [q["category"] for q in mtbench_questions()[: len(pairs)]]
     target = TargetModel.from_pretrained(folder, dtype="float32", device="cpu", aux_layer_ids=aux_ids)
     parts = {"all": (0, None)}
     if args.split_at:
         parts.update({f"before_{args.split_at}": (0, args.split_at), f"from_{args.split_at}": (args.split_at, None)})
     k = args.ttt_length
     unrolls = [Eagle3TrainModule(draft, k).eval() for draft in drafts]
-    sums = {(d, part): torch.zeros(2, k) for d in range(len(drafts)) for part in parts}
+    groups = list(parts) + [f"category_{c}" for c in dict.fromkeys(categories) if c is not None]
+    sums = {(d, group): torch.zeros(2, k) for d in range(len(drafts)) for group in groups}
     with torch.no_grad():
-        for prompt, answer in pairs:
+        for (prompt, answer), category in zip(pairs, categories):
             ids = torch.tensor([prompt + answer])
             mask = torch.ones_like(ids)
             out = target(ids, mask)
@@ -111,12 +121,15 @@ def main(argv=None) -> int:
                     _, correct, counted = unroll(
                         embeds, out.aux_hidden, tg.target_p, tg.position_mask, tg.loss_mask, mask
                     )
-                    sums[(d, part)] += torch.stack([correct.float(), counted.float()])
+                    hits = torch.stack([correct.float(), counted.float()])
+                    sums[(d, part)] += hits
+                    if category is not None and part == "all":
+                        sums[(d, f"category_{category}")] += hits
     result = {"source": args.conversations or f"mtbench first turns, {args.max_tokens} greedy tokens",
               "answers": len(pairs), "drafts": []}  # fmt: skip
     for d, path in enumerate(args.drafts):
         row = {"draft": path}
-        for part in parts:
+        for part in groups:
             c, n = sums[(d, part)]
             acc = (c / n.clamp_min(1)).tolist()
             row[part] = {"acc": [round(a, 4) for a in acc], "implied_chain_accept_length": round(accept_length(acc), 3),
@@ -124,7 +137,7 @@ def main(argv=None) -> int:
         result["drafts"].append(row)
         print(f"{path}: " + "; ".join(
             f"{part} acc {' '.join(f'{a:.3f}' for a in row[part]['acc'])} -> chain accept "
-            f"{row[part]['implied_chain_accept_length']:.3f}" for part in parts))  # fmt: skip
+            f"{row[part]['implied_chain_accept_length']:.3f}" for part in groups))  # fmt: skip
     if args.out:
         open(args.out, "w").write(json.dumps(result, indent=1) + "\n")
     return 0

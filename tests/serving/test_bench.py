@@ -3,6 +3,7 @@ offline rows and JSON, alternating repeats, plots, the config sweep into bundle.
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,6 @@ CPU = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "4096", "-
 def load_script(name: str):
     """A script of benchmarks/ as a module (the folder is no package)."""
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, script)
@@ -165,3 +165,18 @@ def test_lossless_script_compares_token_for_token(tmp_path):
     assert res["command"].endswith(" ".join(args))
     with pytest.raises(SystemExit, match="not name=num_steps,topk,num_draft_tokens"):
         module.main(["--out", str(out), "--configs", "tree=5,4"])
+
+
+def test_draft_accuracy_script_scores_each_mtbench_category(tmp_path):
+    module = load_script("draft_accuracy")
+    draft = str(Path(__file__).resolve().parents[2] / "specbundle" / "bundles" / "smollm2-135m-instruct-eagle3")
+    out = tmp_path / "acc.json"
+    # the first 12 questions: 10 writing, 2 roleplay
+    args = ["--drafts", draft, "--num-prompts", "12", "--max-tokens", "5", "--by-category", "--out", str(out)]
+    assert module.main(args) == 0
+    (row,) = json.loads(out.read_text())["drafts"]
+    assert set(row) == {"draft", "all", "category_writing", "category_roleplay"}
+    assert row["category_writing"]["tokens"] + row["category_roleplay"]["tokens"] == row["all"]["tokens"] == 12 * 5
+    assert all(0 <= a <= 1 for part in ("all", "category_writing") for a in row[part]["acc"])
+    with pytest.raises(SystemExit):
+        module.main(["--drafts", draft, "--conversations", str(out), "--by-category"])
