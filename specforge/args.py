@@ -54,6 +54,10 @@ class TrainArgs:
                                  "batches of an epoch still come in random order", action="store_true")
     learning_rate: float = _arg(1e-4, "peak learning rate (AdamW)")
     max_length: int = _arg(2048, "tokens per sequence (longer ones are truncated)")
+    max_answer_tokens: int = _arg(0, "score only the first N tokens of each assistant turn (0: all of them), in the "
+                                  "train and eval splits alike; a row then ends one token after its last scored "
+                                  "one, which drops no scored position and saves the compute of the rest (the loss "
+                                  "keeps its normalization by the padded batch shape)")
     warmup_ratio: float = _arg(0.015, "linear warmup fraction of --total-steps, then cosine decay to 0")
     max_grad_norm: float = _arg(0.5, "gradient clipping norm")
     ttt_length: int = _arg(7, "training-time-test unroll length (draft steps per position)")
@@ -91,6 +95,8 @@ class TrainArgs:
             errors.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
             errors.append(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.max_answer_tokens < 0:
+            errors.append(f"--max-answer-tokens must be >= 0 (0: no limit), got {self.max_answer_tokens}")
         if self.eval_holdout < 0:
             errors.append(f"--eval-holdout must be >= 0, got {self.eval_holdout}")
         if errors:

@@ -147,6 +147,12 @@ class TokenRows:
         row = self[i]
         return {"input_ids": row["input_ids"].tolist(), "loss_mask": row["loss_mask"].tolist()}
 
+    def loss_masks(self):
+        """Every row's loss mask (truncated to max_length), read a column batch at a time."""
+        for batch in self.ds.select_columns(["loss_mask"]).with_format("arrow").iter(batch_size=8192):
+            for mask in batch["loss_mask"].to_pylist():
+                yield mask[: self.max_length]
+
 
 class HiddenRows:
     """Offline rows, truncated to max_length."""
@@ -164,6 +170,53 @@ class HiddenRows:
     def tokens(self, i: int) -> dict[str, list[int]]:
         t = self.ds.tokens(int(i))
         return {k: v[: self.max_length] for k, v in t.items()}
+
+    def loss_masks(self):
+        for i in range(len(self)):
+            yield self.tokens(i)["loss_mask"]
+
+
+def cap_answer_tokens(loss_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """loss_mask [T] with each run of ones (an assistant turn) cut to its first n positions."""
+    m = loss_mask.bool()
+    idx = torch.arange(m.numel())
+    starts = m & ~F.pad(m, (1, 0))[:-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values
+    return (m & (idx - run_start < n)).to(loss_mask.dtype)
+
+
+class CappedAnswerRows:
+    """Rows whose loss covers only the first n tokens of each assistant turn (--max-answer-tokens). A row ends one
+    token after its last scored position s: TTT step i scores position p where p + i is a loss position, reading
+    x_{p+i+1} and the target's logits at p + i + 1, so nothing past s + 1 is read (attention is causal). The cut
+    drops no scored position, only the compute of the unscored tail."""
+
+    def __init__(self, rows, n: int):
+        self.rows, self.n = rows, n
+        self.lengths = [self._keep(cap_answer_tokens(torch.as_tensor(m), n)) for m in rows.loss_masks()]
+
+    @staticmethod
+    def _keep(capped: torch.Tensor) -> int:
+        hits = capped.nonzero()
+        if hits.numel() == 0:
+            return capped.numel()
+        return min(capped.numel(), int(hits[-1]) + 2)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = dict(self.rows[i])
+        row["loss_mask"] = cap_answer_tokens(row["loss_mask"], self.n)
+        keep = self.lengths[i]
+        return {k: v[:keep] for k, v in row.items()}
+
+    def tokens(self, i: int) -> dict[str, list[int]]:
+        return {k: v.tolist() for k, v in self[i].items() if k in ("input_ids", "loss_mask")}
+
+    def loss_masks(self):
+        for i in range(len(self)):
+            yield self[i]["loss_mask"].tolist()
 
 
 class Subset:
@@ -373,6 +426,9 @@ class Trainer:
             train = HiddenRows(hs, args.max_length)
             evals = HiddenRows(HiddenStatesDataset(args.eval_hidden_states_path), args.max_length) \
                 if args.eval_hidden_states_path else None
+        if args.max_answer_tokens:
+            train = CappedAnswerRows(train, args.max_answer_tokens)
+            evals = CappedAnswerRows(evals, args.max_answer_tokens) if evals is not None else None
         if evals is None and args.eval_holdout > 0:
             train_idx, eval_idx = holdout_split(len(train), args.eval_holdout, args.seed)
             train, evals = Subset(train, train_idx), Subset(train, eval_idx)
