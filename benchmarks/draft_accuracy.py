@@ -41,15 +41,35 @@ def mtbench_answers(num_prompts: int, max_tokens: int) -> list[tuple[list[int], 
     return [(p, list(r.output_ids)) for p, r in zip(prompts, reqs)]
 
 
-def conversation_answers(path: str, limit: int, tokenizer) -> list[tuple[list[int], list[int]]]:
+def training_split(path: str, tokenizer, which: str, holdout: int, seed: int) -> set[int]:
+    """Indices (0-based, in file order) of the rows that `specforge train --train-data-path path --eval-holdout holdout
+    --seed seed` evaluates on ("heldout") or trains on ("train"): rows without assistant tokens within MAX_LENGTH
+    are dropped first, as training drops them."""
+    import datasets
+
+    from specforge.data.dataset import _tokenize_batch
+    from specforge.data.template import resolve_chat_template
+    from specforge.trainer import holdout_split
+
+    template, thinking = resolve_chat_template(tokenizer, None, None)
+    raw = datasets.load_dataset("json", data_files=path, split="train")
+    reasons = raw.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
+                      fn_kwargs={"tokenizer": tokenizer, "max_length": MAX_LENGTH, "chat_template": template,
+                                 "enable_thinking": thinking})["drop_reason"]  # fmt: skip
+    keep = [i for i, r in enumerate(reasons) if not r]
+    train_idx, eval_idx = holdout_split(len(keep), holdout, seed)
+    return {keep[i] for i in (eval_idx if which == "heldout" else train_idx)}
+
+
+def conversation_answers(path: str, limit: int, tokenizer, rows: set[int] | None = None):
     """(prompt, answer) token ids of each row's first assistant turn, tokenized as training tokenizes it (the
-    answer is the loss-masked span: content and end-of-turn token)."""
+    answer is the loss-masked span: content and end-of-turn token); rows: only these (0-based line order)."""
     from specforge.data.formats import RowError, read_normalized
     from specforge.data.template import tokenize_conversation
 
     out = []
-    for _, row in read_normalized(path):
-        if isinstance(row, RowError):
+    for k, (_, row) in enumerate(read_normalized(path)):
+        if isinstance(row, RowError) or (rows is not None and k not in rows):
             continue
         msgs = row["conversations"]
         first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
@@ -75,10 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--ttt-length", type=int, default=3, help="draft positions scored (the chain's num_steps)")
     p.add_argument("--split-at", type=int, default=None, help="also score answer tokens before / after this index")
     p.add_argument("--by-category", action="store_true", help="MT-Bench: also score each question category alone")
+    p.add_argument("--rows", choices=["all", "heldout", "train"], default="all",
+                   help="with --conversations: only the rows that training with --eval-holdout/--seed holds out, or "
+                   "only those it trains on")  # fmt: skip
+    p.add_argument("--eval-holdout", type=int, default=256, help="as given to `specforge train` (for --rows)")
+    p.add_argument("--seed", type=int, default=0, help="as given to `specforge train` (for --rows)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.by_category and args.conversations:
         p.error("--by-category needs MT-Bench (the conversations carry no category)")
+    if args.rows != "all" and not args.conversations:
+        p.error("--rows needs --conversations")
 
     from serving.models.loader import resolve_model_path
     from specforge.target import TargetModel, load_tokenizer
@@ -87,7 +114,10 @@ def main(argv=None) -> int:
     drafts = [load_draft(d, dtype=torch.float32) for d in args.drafts]
     aux_ids = drafts[0].config.aux_layer_ids  # None: the default layers for the target's depth
     if args.conversations:
-        pairs = conversation_answers(args.conversations, args.num_prompts, load_tokenizer(folder))
+        tokenizer = load_tokenizer(folder)
+        rows = None if args.rows == "all" else training_split(
+            args.conversations, tokenizer, args.rows, args.eval_holdout, args.seed)
+        pairs = conversation_answers(args.conversations, args.num_prompts, tokenizer, rows)
     else:
         pairs = mtbench_answers(args.num_prompts, args.max_tokens)
     categories = [None] * len(pairs)
@@ -125,7 +155,10 @@ def main(argv=None) -> int:
                     sums[(d, part)] += hits
                     if category is not None and part == "all":
                         sums[(d, f"category_{category}")] += hits
-    result = {"source": args.conversations or f"mtbench first turns, {args.max_tokens} greedy tokens",
+    source = args.conversations or f"mtbench first turns, {args.max_tokens} greedy tokens"
+    if args.rows != "all":
+        source += f" ({args.rows} rows at --eval-holdout {args.eval_holdout} --seed {args.seed})"
+    result = {"source": source,
               "answers": len(pairs), "drafts": []}  # fmt: skip
     for d, path in enumerate(args.drafts):
         row = {"draft": path}

@@ -180,3 +180,32 @@ def test_draft_accuracy_script_scores_each_mtbench_category(tmp_path):
     assert all(0 <= a <= 1 for part in ("all", "category_writing") for a in row[part]["acc"])
     with pytest.raises(SystemExit):
         module.main(["--drafts", draft, "--conversations", str(out), "--by-category"])
+
+
+def test_draft_accuracy_script_scores_the_trainers_heldout_rows(tmp_path):
+    """--rows heldout/train pick the rows `specforge train --eval-holdout 2 --seed 0` evaluates on / trains on."""
+    from serving.models.loader import resolve_model_path
+    from specforge.target import load_tokenizer
+    from specforge.trainer import holdout_split
+
+    module = load_script("draft_accuracy")
+    draft = str(Path(__file__).resolve().parents[2] / "specbundle" / "bundles" / "smollm2-135m-instruct-eagle3")
+    conv = tmp_path / "conv.jsonl"
+    rows = [{"id": str(k), "conversations": [{"role": "user", "content": f"Count to {k + 2}."},
+                                            {"role": "assistant", "content": " ".join(map(str, range(1, k + 3)))}]}
+            for k in range(6)]  # fmt: skip
+    rows.insert(3, {"id": "no-answer", "conversations": [{"role": "user", "content": "Hi."}]})  # dropped by training
+    conv.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    kept = [0, 1, 2, 4, 5, 6]  # file rows that training keeps
+    held = {kept[i] for i in holdout_split(6, 2, 0)[1]}
+    tokenizer = load_tokenizer(resolve_model_path(None)[0])
+    assert module.training_split(str(conv), tokenizer, "heldout", 2, 0) == held
+    assert module.training_split(str(conv), tokenizer, "train", 2, 0) == set(kept) - held
+    for which, count in (("heldout", 2), ("train", 4)):
+        out = tmp_path / f"{which}.json"
+        args = ["--drafts", draft, "--conversations", str(conv), "--rows", which, "--eval-holdout", "2"]
+        assert module.main([*args, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["answers"] == count and f"({which} rows at --eval-holdout 2 --seed 0)" in res["source"]
+    with pytest.raises(SystemExit):
+        module.main(["--drafts", draft, "--rows", "heldout"])
