@@ -532,6 +532,11 @@ class Trainer:
             raise train_state.CheckpointError(
                 f"{latest} was trained {'with' if grouped else 'without'} --group-by-length; resuming "
                 f"{'with' if self.args.group_by_length else 'without'} it would change the data order")
+        capped = st.get("args", {}).get("max_answer_tokens", 0)
+        if capped != self.args.max_answer_tokens:
+            raise train_state.CheckpointError(
+                f"{latest} was trained with --max-answer-tokens {capped}; resuming with "
+                f"{self.args.max_answer_tokens} would change what each row scores and the batches' lengths")
         if st["global_batch"] != self.global_batch or st["draft_accumulation_steps"] != accum:
             raise train_state.CheckpointError(
                 f"{latest} was trained with global batch {st['global_batch']} x accumulation "

@@ -265,6 +265,8 @@ def test_bad_inputs_fail_with_clear_errors(assets, tmp_path):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--batch-size", "2"))
     with pytest.raises(CheckpointError, match="without --group-by-length"):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--group-by-length"))
+    with pytest.raises(CheckpointError, match="--max-answer-tokens 0; resuming with 3"):
+        main(common(assets, out, "--data-path", str(assets["data"]), "--resume", "--max-answer-tokens", "3"))
     (out / "epoch_0_step_2" / "training_state" / "trainer_state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="trainer_state.json"):
         main(common(assets, out, "--data-path", str(assets["data"]), "--resume"))
