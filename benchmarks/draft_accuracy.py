@@ -45,17 +45,10 @@ def training_split(path: str, tokenizer, which: str, holdout: int, seed: int) ->
     """Indices (0-based, in file order) of the rows that `specforge train --train-data-path path --eval-holdout holdout
     --seed seed` evaluates on ("heldout") or trains on ("train"): rows without assistant tokens within MAX_LENGTH
     are dropped first, as training drops them."""
-    import datasets
-
-    from specforge.data.dataset import _tokenize_batch
-    from specforge.data.template import resolve_chat_template
+    from specforge.data.dataset import tokenize_rows
     from specforge.trainer import holdout_split
 
-    template, thinking = resolve_chat_template(tokenizer, None, None)
-    raw = datasets.load_dataset("json", data_files=path, split="train")
-    reasons = raw.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
-                      fn_kwargs={"tokenizer": tokenizer, "max_length": MAX_LENGTH, "chat_template": template,
-                                 "enable_thinking": thinking})["drop_reason"]  # fmt: skip
+    reasons = tokenize_rows(path, tokenizer, MAX_LENGTH)["drop_reason"]
     keep = [i for i, r in enumerate(reasons) if not r]
     train_idx, eval_idx = holdout_split(len(keep), holdout, seed)
     return {keep[i] for i in (eval_idx if which == "heldout" else train_idx)}

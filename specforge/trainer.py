@@ -214,10 +214,6 @@ class CappedAnswerRows:
     def tokens(self, i: int) -> dict[str, list[int]]:
         return {k: v.tolist() for k, v in self[i].items() if k in ("input_ids", "loss_mask")}
 
-    def loss_masks(self):
-        for i in range(len(self)):
-            yield self[i]["loss_mask"].tolist()
-
 
 class Subset:
     def __init__(self, rows, indices: list[int]):

@@ -37,6 +37,49 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int, chat_template: str,
     return out
 
 
+def tokenize_rows(
+    jsonl_path: str | os.PathLike,
+    tokenizer,
+    max_length: int,
+    chat_template: str | None = None,
+    num_proc: int = 1,
+    cache_dir: str | None = None,
+    enable_thinking: bool | None = None,
+) -> datasets.Dataset:
+    """Every row of a normalized JSONL file tokenized as `build_dataset` does, in file order, with a `drop_reason`
+    column ("" for the rows training keeps)."""
+    path = Path(jsonl_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist (make it with `specforge prepare-data`)")
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
+    # Fail here, once, on a template the mask cannot be derived from, not in every worker.
+    template_markers(tokenizer, template, enable_thinking)
+
+    raw = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+    missing = [c for c in ("id", "conversations") if c not in raw.column_names]
+    if missing:
+        raise ValueError(f"{path}: rows lack field(s) {missing}; expected normalized rows {{'id', 'conversations'}}")
+    if num_proc > 1:
+        # Rust tokenizer threads and forked workers deadlock (huggingface/tokenizers#1391).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return raw.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=raw.column_names,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "chat_template": template,
+            "enable_thinking": enable_thinking,
+        },
+        desc="Tokenizing conversations",
+    )
+
+
 def build_dataset(
     jsonl_path: str | os.PathLike,
     tokenizer,
@@ -54,35 +97,7 @@ def build_dataset(
     `cache_dir` (its default cache if None), keyed on the file, tokenizer, template and arguments.
     """
     path = Path(jsonl_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training data {path} does not exist (make it with `specforge prepare-data`)")
-    if max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    template, enable_thinking = resolve_chat_template(tokenizer, chat_template, enable_thinking)
-    # Fail here, once, on a template the mask cannot be derived from, not in every worker.
-    template_markers(tokenizer, template, enable_thinking)
-
-    raw = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
-    missing = [c for c in ("id", "conversations") if c not in raw.column_names]
-    if missing:
-        raise ValueError(f"{path}: rows lack field(s) {missing}; expected normalized rows {{'id', 'conversations'}}")
-    if num_proc > 1:
-        # Rust tokenizer threads and forked workers deadlock (huggingface/tokenizers#1391).
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenized = raw.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=raw.column_names,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_length": max_length,
-            "chat_template": template,
-            "enable_thinking": enable_thinking,
-        },
-        desc="Tokenizing conversations",
-    )
+    tokenized = tokenize_rows(path, tokenizer, max_length, chat_template, num_proc, cache_dir, enable_thinking)
     reasons = tokenized["drop_reason"]
     dropped = [r for r in reasons if r]
     if dropped:
