@@ -37,6 +37,25 @@ def _load_template(template: str | None) -> str | None:
     return template
 
 
+class _ApiKeyCheck:
+    """Bearer-token check on the /v1 routes, as plain ASGI middleware: Starlette's `@app.middleware("http")` wraps
+    `receive` so that `Request.is_disconnected()` never turns true, and a non-streaming request would then run to
+    its end after its client had gone."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+            if given != self.expected:
+                body = error_body("invalid API key", None, "authentication_error", "invalid_api_key")
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Generation:
     """Requests of one HTTP call (n choices x prompts), their outputs bridged from the engine thread."""
 
@@ -152,14 +171,8 @@ def create_app(engine: Engine, chat_template: str | None = None, api_key: str | 
     async def _invalid(_request, exc: InvalidRequest):
         return _bad(str(exc), exc.param)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(
-                    error_body("invalid API key", None, "authentication_error", "invalid_api_key"), status_code=401
-                )
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKeyCheck, api_key=api_key)
 
     @app.get("/health")
     async def health():

@@ -199,3 +199,38 @@ def test_disconnects_free_their_kv():
         assert r.status_code == 200
         assert engine.allocator.num_free == start_free
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("api_key", [None, "sk-test"])
+def test_non_streaming_disconnects_abort_their_requests(api_key):
+    """A client that gives up on a non-streaming request (a timeout, a killed process) stops its generation, with or
+    without the API-key check in front of the routes."""
+    _, target = tiny_target()
+    engine = Engine(EngineConfig(max_total_tokens=16384, max_running_requests=8), target)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with RunningServer(engine, api_key=api_key) as server:
+        start_free = engine.allocator.num_free
+        body = {"model": engine.model_name, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+
+        async def one(i, client):
+            req = {**body, "prompt": [1 + i, 2, 3]}
+            try:
+                r = await asyncio.wait_for(client.post(server.url + "/v1/completions", json=req, headers=headers), 0.5)
+            except asyncio.TimeoutError:
+                return "dropped"
+            return r.status_code
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(one(i, client) for i in range(4)))
+
+        assert asyncio.run(main()) == ["dropped"] * 4
+        deadline = time.time() + 10  # 1,000 tokens take a lone request about 4 s here: ended early or not, idle by then
+        while time.time() < deadline and not engine.is_idle():
+            time.sleep(0.05)
+        assert engine.is_idle()
+        metrics = httpx.get(server.url + "/metrics").text
+        aborted = [line for line in metrics.splitlines() if line.startswith('requests_total{finish_reason="abort"}')]
+        assert aborted and float(aborted[0].split()[-1]) == 4
+        assert httpx.post(server.url + "/flush_cache").status_code == 200
+        assert engine.allocator.num_free == start_free
