@@ -151,6 +151,22 @@ def test_shared_prefix_is_cached_and_faster(smol_server):
     assert warm < cold
 
 
+def _assert_aborted_and_freed(server, aborted: int, start_free: int, wait_s: float):
+    """The engine goes idle within wait_s, `aborted` requests ended as aborts, and flushing the prefix cache gives
+    every KV slot back."""
+    engine = server.engine
+    deadline = time.time() + wait_s
+    while time.time() < deadline and not engine.is_idle():
+        time.sleep(0.05)
+    assert engine.is_idle()
+    metrics = httpx.get(server.url + "/metrics").text
+    lines = [line for line in metrics.splitlines() if line.startswith('requests_total{finish_reason="abort"}')]
+    assert lines and float(lines[0].split()[-1]) == aborted
+    r = httpx.post(server.url + "/flush_cache")
+    assert r.status_code == 200
+    assert engine.allocator.num_free == start_free
+
+
 def test_disconnects_free_their_kv():
     _, target = tiny_target()
     engine = Engine(EngineConfig(max_total_tokens=8192, max_running_requests=32), target)
@@ -188,16 +204,8 @@ def test_disconnects_free_their_kv():
 
         results = asyncio.run(main())
         assert results.count("dropped") == 30 and results.count("done") == 70
-        deadline = time.time() + 30
-        while time.time() < deadline and not (engine.is_idle()):
-            time.sleep(0.05)
-        assert engine.is_idle()
-        metrics = httpx.get(server.url + "/metrics").text
-        aborted = [line for line in metrics.splitlines() if line.startswith('requests_total{finish_reason="abort"}')]
-        assert aborted and float(aborted[0].split()[-1]) == 30  # the dropped streams were cut short, not finished
-        r = httpx.post(server.url + "/flush_cache")
-        assert r.status_code == 200
-        assert engine.allocator.num_free == start_free
+        # the dropped streams were cut short, not finished
+        _assert_aborted_and_freed(server, aborted=30, start_free=start_free, wait_s=30)
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
@@ -225,12 +233,5 @@ def test_non_streaming_disconnects_abort_their_requests(api_key):
                 return await asyncio.gather(*(one(i, client) for i in range(4)))
 
         assert asyncio.run(main()) == ["dropped"] * 4
-        deadline = time.time() + 10  # 1,000 tokens take a lone request about 4 s here: ended early or not, idle by then
-        while time.time() < deadline and not engine.is_idle():
-            time.sleep(0.05)
-        assert engine.is_idle()
-        metrics = httpx.get(server.url + "/metrics").text
-        aborted = [line for line in metrics.splitlines() if line.startswith('requests_total{finish_reason="abort"}')]
-        assert aborted and float(aborted[0].split()[-1]) == 4
-        assert httpx.post(server.url + "/flush_cache").status_code == 200
-        assert engine.allocator.num_free == start_free
+        # 1,000 tokens take a lone request about 4 s here: ended early or not, idle within 10 s
+        _assert_aborted_and_freed(server, aborted=4, start_free=start_free, wait_s=10)
