@@ -7,7 +7,7 @@ few explicit split counts, next to torch's scaled_dot_product_attention on K/V a
 with the same mask. Each kernel result is checked against the package's torch reference. Achieved bandwidth counts the
 bytes that must move at least once (K/V of the prefix and the new tokens, q, out, slot indices) and is reported
 as a share of the copy bandwidth. Every time is the median CUDA-graph replay with L2 flushed before each, for the
-kernels and SDPA alike (`bench_ms`).
+kernels and SDPA alike (`bench_ms`; `--flush` says how).
 
     python benchmarks/bench_kernels.py --out bench_kernels.json
 
@@ -36,12 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
 BF16_TOL = 2e-2
 KV_LAYOUTS = ("slot", "head")
+# How the L2 is emptied before each timed replay: "read" sums a 256 MiB buffer (the L2 is left holding clean lines),
+# "write" zeroes it (the L2 is left full of dirty lines, up to its 60 MB on an H200, whose write-back to memory then
+# happens during the timed call and is charged to it); "none" leaves the previous replay's data in the L2.
+FLUSH_MODES = ("read", "write", "none")
+FLUSH = "read"
 
 
 def bench_ms(fn, warmup: int, rep: int, device: str) -> float:
-    """Median milliseconds per call. CUDA: `fn` captured once in a CUDA graph and replayed, L2 flushed before each
-    replay, so the time is the kernels' alone, as in the engine's graph-replayed decode and verify steps (timing
-    eager calls would add the Python launch cost whenever it exceeds the kernels' run time)."""
+    """Median milliseconds per call. CUDA: `fn` captured once in a CUDA graph and replayed, L2 flushed (`FLUSH`)
+    before each replay, so the time is the kernels' alone, as in the engine's graph-replayed decode and verify steps
+    (timing eager calls would add the Python launch cost whenever it exceeds the kernels' run time)."""
     if device == "cuda":
         return graph_bench_ms(fn, warmup, rep)
     fn()
@@ -54,7 +59,8 @@ def graph_bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
     from serving.cuda_graph_runner import capture_graph
 
     graph, _ = capture_graph(fn, pool=None)  # as the engine captures: warmed up on a side stream first
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")  # 256 MiB, four times an H200's L2
+    flush = {"read": buf.sum, "write": buf.zero_, "none": lambda: None}[FLUSH]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
@@ -68,7 +74,7 @@ def graph_bench_ms(fn, warmup_ms: float, rep_ms: float) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
-        flush.zero_()
+        flush()
         starts[i].record()
         graph.replay()
         ends[i].record()
@@ -130,12 +136,12 @@ def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def auto_decode_splits(batch: int, prefix: int, device: torch.device) -> int:
+def auto_decode_splits(batch: int, prefix: int, device: torch.device, dtype: torch.dtype) -> int:
     """The split count decode_attention picks for num_kv_splits=None (same inputs as the wrapper)."""
     from kernels._common import num_sms
 
     module = importlib.import_module("kernels.decode_attention")  # `kernels` re-exports the function by that name
-    block_n = module.BLOCK_N_GPU if device.type == "cuda" else 16
+    block_n = module.decode_block_n(HEAD_DIM, dtype.itemsize, device.type != "cuda")
     return module.choose_num_kv_splits(batch, NUM_KV_HEADS, prefix, block_n, num_sms(device))
 
 
@@ -194,7 +200,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_
         "prefix": prefix,
         "query_tokens": 1,
         "auto_splits": num_kv_splits is None,
-        "num_kv_splits": auto_decode_splits(batch, prefix, dev) if num_kv_splits is None else num_kv_splits,
+        "num_kv_splits": auto_decode_splits(batch, prefix, dev, dtype) if num_kv_splits is None else num_kv_splits,
         "bytes": nbytes,
         "time_us": ms * 1e3,
         "GBps": nbytes / (ms * 1e-3) / 1e9,
@@ -303,7 +309,7 @@ def bench_tree_verify(
 
 
 def print_table(copy: dict, rows: list[dict]) -> None:
-    print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s\n")
+    print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s; L2 flushed by a {FLUSH} before each replay\n")
     header = (
         f"{'kernel':<32}{'P.V':>8}{'KV':>6}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
         f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
@@ -348,6 +354,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global FLUSH
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench_kernels.json", help="JSON output path")
     parser.add_argument("--batch-sizes", default="8,32")
@@ -368,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         help="KV buffer layouts to time, comma-separated: slot ([num_slots, Hkv, D], the engine's pool) and/or head "
         "([Hkv, num_slots, D] storage under the same view)",
     )
+    parser.add_argument(
+        "--flush",
+        default=FLUSH,
+        choices=FLUSH_MODES,
+        help="how the L2 is emptied before each timed replay: read a 256 MiB buffer (default), or zero it, which "
+        "leaves dirty lines whose write-back is then timed with the kernel; none: not emptied",
+    )
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement (do_bench)")
     parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement (do_bench)")
@@ -387,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    FLUSH = args.flush
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
 
     def parse_splits(text: str) -> list[int | None]:
@@ -447,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype).removeprefix("torch."),
         },
         "copy_bandwidth": copy,
+        "l2_flush": FLUSH,
         "results": rows,
     }
     out_path = Path(args.out)

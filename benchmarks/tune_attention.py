@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import bench_ms, copy_bandwidth, decode_case, tree_case  # noqa: E402
+import bench_kernels  # noqa: E402
+from bench_kernels import FLUSH_MODES, bench_ms, copy_bandwidth, decode_case, tree_case  # noqa: E402
 
 decode_mod = importlib.import_module("kernels.decode_attention")
 extend_mod = importlib.import_module("kernels.extend_attention")
@@ -38,6 +39,8 @@ def set_config(kernel: str, cfg: dict) -> None:
         decode_mod.BLOCK_N_GPU, decode_mod.NUM_WARPS_GPU, decode_mod.NUM_STAGES_GPU = (
             cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
         )  # fmt: skip
+        decode_mod.FUSED_MERGE_GPU = bool(cfg["fused_merge"])
+        decode_mod.KV_EVICTION_GPU = "evict_first" if cfg["evict_first"] else ""
     else:
         extend_mod.ROWS_GPU, extend_mod.BLOCK_N_GPU = cfg["rows"], cfg["block_n"]
         extend_mod.NUM_WARPS_GPU, extend_mod.NUM_STAGES_GPU = cfg["num_warps"], cfg["num_stages"]
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: tuple(tuple(int(x) for x in part.split(",")) for part in t.split("/")),
         help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/4,16,32 (default: a wide grid)",
     )
+    p.add_argument("--fused-merge", default="1,0", help="decode split merges to sweep: 1 in stage 1, 0 by a launch")
+    p.add_argument("--evict-first", default="0", help="decode K/V loads to sweep: 1 with the evict_first hint, 0 none")
+    p.add_argument("--precise-pv", default="1", help="decode P.V products to sweep: 1 split (precise), 0 bf16")
+    p.add_argument("--flush", default=bench_kernels.FLUSH, choices=FLUSH_MODES, help="as in bench_kernels.py")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rep", type=int, default=40)
     p.add_argument("--recheck", type=int, default=3, help="best configurations per shape timed again")
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cpu needs TRITON_INTERPRET=1 (set before start-up).")
         return 2
     dev = args.device
+    bench_kernels.FLUSH = args.flush
     gen = torch.Generator(device=dev).manual_seed(0)
     # The interpreter mis-computes bf16 dots, so the CPU smoke test uses fp16; its launch settings are ignored there.
     dtype = torch.bfloat16 if dev == "cuda" else torch.float16
@@ -82,19 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     defaults = {
         "decode": {"block_n": decode_mod.BLOCK_N_GPU, "num_warps": decode_mod.NUM_WARPS_GPU,
-                   "num_stages": decode_mod.NUM_STAGES_GPU},
+                   "num_stages": decode_mod.NUM_STAGES_GPU, "fused_merge": int(decode_mod.FUSED_MERGE_GPU),
+                   "evict_first": int(bool(decode_mod.KV_EVICTION_GPU)), "precise_pv": 1},
         "tree": {"rows": extend_mod.ROWS_GPU, "block_n": extend_mod.BLOCK_N_GPU, "num_warps": extend_mod.NUM_WARPS_GPU,
                  "num_stages": extend_mod.NUM_STAGES_GPU},
     }  # fmt: skip
     grids = {
         "decode": [
-            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp}
-            for bn, w, s, sp in itertools.product(
-                *(args.decode_grid or ((32, 64, 128), (4, 8), (2, 3, 4), (8, 16, 32, 4)))
+            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp, "fused_merge": fm, "evict_first": ev,
+             "precise_pv": pv}
+            for bn, w, s, sp, fm, ev, pv in itertools.product(
+                *(args.decode_grid or ((32, 64, 128), (4, 8), (2, 3, 4), (8, 16, 32, 4))),
+                *([int(x) for x in a.split(",") if x] for a in (args.fused_merge, args.evict_first, args.precise_pv)),
             )
         ],
         "tree": [
-            {"rows": r, "block_n": bn, "num_warps": w, "num_stages": s, "splits": 1}
+            {"rows": r, "block_n": bn, "num_warps": w, "num_stages": s, "splits": 1, "precise_pv": 1}
             for r, bn, w, s in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3))
         ],
     }
@@ -105,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         run, ref, _, nbytes = case
         set_config(kernel, cfg)
         try:
-            err = (run(cfg["splits"]).float() - ref.float()).abs().max().item()
-            us = bench_ms(lambda: run(cfg["splits"]), args.warmup, args.rep, dev) * 1e3
+            pv = bool(cfg["precise_pv"])
+            err = (run(cfg["splits"], pv).float() - ref.float()).abs().max().item()
+            us = bench_ms(lambda: run(cfg["splits"], pv), args.warmup, args.rep, dev) * 1e3
         except Exception as e:  # a configuration that does not compile (shared memory, registers) is skipped
             return {"kernel": kernel, "batch": batch, **cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         return {"kernel": kernel, "batch": batch, **cfg, "time_us": us, "pct_of_copy": 100 * nbytes / us / 1e3 /
@@ -147,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 rechecks.append({"kernel": kernel, "batch": batch, **cfg, "first_us": r["time_us"], "again_us": times,
                                  "sdpa_us": sdpa_us[f"{kernel} b{batch}"]})  # fmt: skip
     device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    report = {"device": device_name, "copy_bandwidth": copy, "defaults": defaults, "sdpa_us": sdpa_us,
-              "results": results, "rechecks": rechecks}  # fmt: skip
+    report = {"device": device_name, "copy_bandwidth": copy, "l2_flush": args.flush, "defaults": defaults,
+              "sdpa_us": sdpa_us, "results": results, "rechecks": rechecks}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"copy {copy['GBps']:.0f} GB/s; {len(results)} configurations timed")
     for r in rechecks:

@@ -2,11 +2,13 @@
 
 Stage 1: one program per (request, KV head, KV split) processes the whole group of query heads that share the KV
 head, so each K/V block is read once per KV head, and writes a partial output and its log-sum-exp.
-Stage 2: one program per (request, query head) merges the splits.
+
+With several splits, the last split program of each (request, KV head) to finish merges them (`fused_merge`), or a
+second launch does: one program per (request, query head).
 
 The split count fixes the grid, so it is chosen on the host from python ints only (batch, heads, a length bound
-and the SM count): `choose_num_kv_splits`. Within a request the splits divide its actual length, so a short request
-just has short splits.
+and the SM count): `choose_num_kv_splits`, and the pipeline depth with it (`decode_num_stages`). Within a request
+the splits divide its actual length, so a short request just has short splits.
 """
 
 from __future__ import annotations
@@ -21,28 +23,57 @@ from kernels._common import FLOAT_DTYPES, INDEX_DTYPES, check_out, check_tensor,
 _LOG2E = 1.4426950408889634
 
 
-# Decode launch configuration on CUDA: keys per block, and stage-1 warps / pipeline depth (K/V two blocks ahead).
-BLOCK_N_GPU = 64
+# Decode launch configuration on CUDA: keys per block (for 2-byte K/V of head dim <= 128; fewer for wider rows, so
+# that the pipeline's buffers fit in shared memory) and stage-1 warps.
+BLOCK_N_GPU = 128
 NUM_WARPS_GPU = 4
-NUM_STAGES_GPU = 3
-# Aim for this many stage-1 programs per SM (several resident at once, several waves: short tails), but give
-# every split at least MIN_BLOCKS_PER_SPLIT blocks, so the partial outputs stay small next to the K/V read.
-PROGRAMS_PER_SM = 32
-MIN_BLOCKS_PER_SPLIT = 2
+# Stage-1 pipeline depth: None chooses it with the split count (`decode_num_stages`); an int forces it.
+NUM_STAGES_GPU = None
 MAX_KV_SPLITS = 64
+PROGRAMS_PER_SM = 2
+# L2 eviction hint on the K/V loads ("" none, "evict_first": each block is read once).
+KV_EVICTION_GPU = ""
+# Split merge on CUDA: by the last split program of each (request, KV head) (True) or by a second launch (False).
+FUSED_MERGE_GPU = True
+
+# How stage 1 ends (its MERGE constexpr).
+MERGE_NONE = tl.constexpr(0)  # one split: stage 1 writes the output
+MERGE_KERNEL = tl.constexpr(1)  # partials, merged by the stage-2 launch
+MERGE_LAST_SPLIT = tl.constexpr(2)  # partials, merged by the last program of the group to finish
+
+# Per-(request, KV head) arrival counters for MERGE_LAST_SPLIT, zero between launches: one buffer per device, made
+# on first use (before any CUDA-graph capture: captures warm up eagerly first).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 8192
+
+
+def decode_block_n(head_dim: int, element_size: int, interpret: bool = False) -> int:
+    """Keys per stage-1 block: BLOCK_N_GPU for rows of up to 256 bytes (bf16 x 128), halved per doubling beyond."""
+    if interpret:
+        return 16
+    row_bytes = next_pow2(head_dim) * element_size
+    return max(16, min(BLOCK_N_GPU, BLOCK_N_GPU * 256 // row_bytes))
 
 
 def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int) -> int:
     """KV splits for a stage-1 grid of batch x num_kv_heads x splits (host ints only: safe under graph capture).
 
-    Enough programs to fill the GPU several times over, whole blocks per split, no split that would be empty at
-    max_seq_len. E.g. 132 SMs, 8 KV heads, 4096 keys in blocks of 64: batch 8 -> 32 splits, batch 32 -> 16.
+    Decode is a stream of K/V reads: the grid is sized to PROGRAMS_PER_SM programs per SM, all resident in one wave
+    (no tail wave), each loading its next block while it works on the current one. On an H200 that measured at
+    least as fast as one program per SM loading two blocks ahead, and up to 27% faster (batch 16). Never more splits
+    than blocks at max_seq_len, and no split left empty. E.g. 132 SMs, 8 KV heads, 4096 keys in blocks of 128:
+    batch 1 -> 32 splits, batch 8 -> 4, batch 16 -> 2, batch 32 -> 1 (256 programs each).
     """
+    pairs = max(1, batch * num_kv_heads)
     num_blocks = max(1, -(-max_seq_len // block_n))
-    wanted = -(-(sm_count * PROGRAMS_PER_SM) // max(1, batch * num_kv_heads))
-    blocks_per_split = max(MIN_BLOCKS_PER_SPLIT, -(-num_blocks // max(1, wanted)))
-    splits = -(-num_blocks // blocks_per_split)
-    return max(1, min(splits, MAX_KV_SPLITS))
+    splits = max(1, min(PROGRAMS_PER_SM * sm_count // pairs, num_blocks, MAX_KV_SPLITS))
+    return -(-num_blocks // -(-num_blocks // splits))
+
+
+def decode_num_stages(programs: int, sm_count: int) -> int:
+    """Stage-1 pipeline depth for a grid of `programs`: K/V one block ahead when SMs run two programs (two such
+    programs fit in shared memory), two blocks ahead when a short context leaves at most one program per SM."""
+    return 3 if programs <= sm_count else 2
 
 
 @triton.jit
@@ -65,13 +96,17 @@ def _decode_attention_block(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
+    KV_EVICTION: tl.constexpr,
 ):
     """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the keys at KV-cache
     slots `slots` [BLOCK_N] (int64), of which those under mask_n exist."""
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(
-        k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
+        k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+        eviction_policy=KV_EVICTION,
     )  # [BLOCK_N, BLOCK_D]
     if INTERPRET:
         k = k.to(tl.float32)
@@ -83,7 +118,10 @@ def _decode_attention_block(
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
+        v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+        eviction_policy=KV_EVICTION,
     )
     if INTERPRET:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -104,6 +142,8 @@ def _decode_attention_stage1_kernel(
     seq_lens_ptr,
     partial_out_ptr,
     partial_lse_ptr,
+    out_ptr,
+    counter_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -117,14 +157,21 @@ def _decode_attention_stage1_kernel(
     stride_pos,
     stride_lb,
     stride_lh,
+    stride_ob,
+    stride_oh,
+    num_kv_heads,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
+    KV_EVICTION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -169,6 +216,7 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+                KV_EVICTION,
             )  # fmt: skip
             slots = next_slots
             n0 += BLOCK_N
@@ -179,18 +227,97 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+                KV_EVICTION,
             )  # fmt: skip
             slots = next_slots
 
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if MERGE == MERGE_NONE:
+        # One split: this is the final output.
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_h[:, None] & mask_d[None, :],
+        )
+    else:
+        tl.store(
+            partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
+            out,
+            mask=mask_h[:, None] & mask_d[None, :],
+        )
+        tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    if MERGE == MERGE_LAST_SPLIT:
+        # The last of this (request, KV head)'s split programs to finish merges the group's partials, so no second
+        # launch is needed. The barrier orders every thread's partial stores before the release; the counter goes
+        # back to 0 for the next launch.
+        tl.debug_barrier()
+        counter = counter_ptr + b * num_kv_heads + kv_head
+        done = tl.atomic_add(counter, 1, sem="acq_rel")
+        if done == NUM_SPLITS - 1:
+            _merge_splits(
+                partial_out_ptr, partial_lse_ptr, out_ptr, b, kv_head * GROUP, stride_pob, stride_poh, stride_pos,
+                stride_lb, stride_lh, stride_ob, stride_oh, GROUP, BLOCK_G, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+            tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _merge_splits(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    b,
+    head0,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[b, head0 : head0 + NUM_HEADS] = the log-sum-exp weighted mean of the heads' NUM_SPLITS partial outputs.
+
+    Loads bypass L1 (.cg): the partials were written by other programs, possibly on other SMs."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = head0 + offs_g
+    mask_g = offs_g < NUM_HEADS
+    mask_gs = mask_g[:, None] & (offs_s < NUM_SPLITS)[None, :]
+    lse = tl.load(
+        partial_lse_ptr + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
+        mask=mask_gs,
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )  # [BLOCK_G, BLOCK_S]
+    m = tl.maximum(tl.max(lse, 1), -1.0e30)
+    w = tl.exp2(lse - m[:, None])  # empty splits weigh 0
+    denom = tl.sum(w, 1)
+    partial = tl.load(
+        partial_out_ptr
+        + b * stride_pob
+        + heads[:, None, None] * stride_poh
+        + offs_s[None, :, None] * stride_pos
+        + offs_d[None, None, :],
+        mask=mask_gs[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # [BLOCK_G, BLOCK_S, BLOCK_D]
+    out = tl.sum(w[:, :, None] * partial, 1) / tl.where(denom > 0.0, denom, 1.0)[:, None]
     tl.store(
-        partial_out_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
-        out,
-        mask=mask_h[:, None] & mask_d[None, :],
+        out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
     )
-    tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 @triton.jit
@@ -242,6 +369,7 @@ def decode_attention(
     num_kv_splits: int | None = None,
     max_seq_len_hint: int | None = None,
     precise_pv: bool = True,
+    fused_merge: bool | None = None,
 ) -> torch.Tensor:
     """One new token per request attends to its paged KV history.
 
@@ -252,6 +380,9 @@ def decode_attention(
     host) also caps an explicit split count at one block per split.
     precise_pv (bf16/fp16): the probabilities enter the P.V product as two half-precision parts (see
     `kernels._attention_common.dot_split_p`), so the result matches fp32 attention to about 16 bits instead of 8.
+    fused_merge: with several splits, the last split program of each (request, KV head) merges them instead of a
+    second launch; None: FUSED_MERGE_GPU on CUDA, always under the interpreter. Its arrival counters are one buffer
+    per device, so two decode_attention launches must not run concurrently on different streams with it on.
     Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -286,21 +417,33 @@ def decode_attention(
         return out
 
     interpret = on_interpreter(q)
-    block_n = 16 if interpret else BLOCK_N_GPU
+    block_n = decode_block_n(head_dim, q.element_size(), interpret)
+    sm_count = num_sms(q.device)
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
     if num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, block_n, num_sms(q.device))
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, block_n, sm_count)
     elif max_seq_len_hint is not None:
         num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
     group = num_q_heads // num_kv_heads
     block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
     block_d = next_pow2(head_dim)
 
-    # fp32 scratch: [B, Hq, splits, D] partial outputs and [B, Hq, splits] log2-sum-exp.
-    partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+    if fused_merge is None:
+        fused_merge = interpret or FUSED_MERGE_GPU
+    counters = _merge_counters(q.device, batch * num_kv_heads) if fused_merge and num_kv_splits > 1 else None
+    if num_kv_splits == 1:
+        merge = MERGE_NONE
+    else:
+        merge = MERGE_LAST_SPLIT if counters is not None else MERGE_KERNEL
+    if merge == MERGE_NONE:
+        partial_out = partial_lse = out  # unused
+    else:
+        # fp32 scratch: [B, Hq, splits, D] partial outputs and [B, Hq, splits] log2-sum-exp.
+        partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
 
-    gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": NUM_STAGES_GPU}
+    stages = NUM_STAGES_GPU or decode_num_stages(batch * num_kv_heads * num_kv_splits, sm_count)
+    gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": stages}
     _decode_attention_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,
@@ -310,6 +453,8 @@ def decode_attention(
         seq_lens,
         partial_out,
         partial_lse,
+        out,
+        out if counters is None else counters,
         sm_scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -318,39 +463,55 @@ def decode_attention(
         v_buffer.stride(0),
         v_buffer.stride(1),
         req_to_token.stride(0),
-        partial_out.stride(0),
-        partial_out.stride(1),
-        partial_out.stride(2),
-        partial_lse.stride(0),
-        partial_lse.stride(1),
+        *(partial_out.stride()[:3] if merge != MERGE_NONE else (0, 0, 0)),
+        *(partial_lse.stride()[:2] if merge != MERGE_NONE else (0, 0)),
+        out.stride(0),
+        out.stride(1),
+        num_kv_heads,
         GROUP=group,
         BLOCK_H=block_h,
+        BLOCK_G=next_pow2(group),
+        BLOCK_S=next_pow2(num_kv_splits),
+        MERGE=merge,
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         NUM_SPLITS=num_kv_splits,
         INTERPRET=interpret,
         PRECISE_PV=precise_pv and q.dtype != torch.float32,
+        KV_EVICTION="" if interpret else KV_EVICTION_GPU,
         **gpu_opts,
     )
-    _decode_attention_stage2_kernel[(batch, num_q_heads)](
-        partial_out,
-        partial_lse,
-        out,
-        partial_out.stride(0),
-        partial_out.stride(1),
-        partial_out.stride(2),
-        partial_lse.stride(0),
-        partial_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        NUM_SPLITS=num_kv_splits,
-        BLOCK_S=next_pow2(num_kv_splits),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        **({} if interpret else {"num_warps": 4}),
-    )
+    if merge == MERGE_KERNEL:
+        _decode_attention_stage2_kernel[(batch, num_q_heads)](
+            partial_out,
+            partial_lse,
+            out,
+            partial_out.stride(0),
+            partial_out.stride(1),
+            partial_out.stride(2),
+            partial_lse.stride(0),
+            partial_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_kv_splits,
+            BLOCK_S=next_pow2(num_kv_splits),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            **({} if interpret else {"num_warps": 4}),
+        )
     return out
+
+
+def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """This device's zeroed int32 counters, at least n; None while a CUDA graph is being captured and the buffer is
+    missing or too small (allocating then would tie it to the graph's memory pool): the caller merges by launch."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    return buf
 
 
 def decode_attention_ref(

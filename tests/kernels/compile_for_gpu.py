@@ -67,18 +67,30 @@ def main() -> int:
         return 2
     ok = True
     bf = "*bf16"
-    for head_dim, bf, precise in ((64, "*bf16", True), (128, "*bf16", True), (128, "*bf16", False),
-                                  (128, "*fp32", False), (128, "*fp16", True)):
+    da = decode_attention
+    evict = da.KV_EVICTION_GPU
+    variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages
+        (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3),
+        (128, "*bf16", True, da.MERGE_NONE, 2),
+        (128, "*bf16", True, da.MERGE_KERNEL, 3),
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3),
+        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2),
+        (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3),
+        (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3),
+    ]
+    for head_dim, bf, precise, merge, stages in variants:
         ok &= compile_variant(
-            decode_attention._decode_attention_stage1_kernel,
+            da._decode_attention_stage1_kernel,
             dict(
                 q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
-                seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32",
+                seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf, counter_ptr="*i32",
+                qk_scale="fp32", num_kv_heads="i32",
             ),
-            dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=8, INTERPRET=False,
-                 PRECISE_PV=precise),
-            num_warps=decode_attention.NUM_WARPS_GPU,
-            num_stages=decode_attention.NUM_STAGES_GPU,
+            dict(GROUP=4, BLOCK_H=16, BLOCK_G=4, BLOCK_S=8, MERGE=merge.value,
+                 BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2), HEAD_DIM=head_dim, BLOCK_D=head_dim,
+                 NUM_SPLITS=8, INTERPRET=False, PRECISE_PV=precise, KV_EVICTION=evict),
+            num_warps=da.NUM_WARPS_GPU,
+            num_stages=stages,
         )  # fmt: skip
     ok &= compile_variant(
         decode_attention._decode_attention_stage2_kernel,

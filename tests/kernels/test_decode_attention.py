@@ -1,57 +1,83 @@
+import importlib
+
 import pytest
 import torch
 
 from kernels.decode_attention import choose_num_kv_splits, decode_attention, decode_attention_ref
 from tests.kernels.paged import DEVICE, TOLERANCES, make_paged_cache, randn
 
+decode_module = importlib.import_module("kernels.decode_attention")  # `kernels` re-exports the function by that name
+
 SEQ_LENS = [1, 7, 37, 123]
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_attention_matches_reference(dtype, group, head_dim):
+def test_decode_attention_matches_reference(dtype, group, head_dim, fused_merge):
     num_kv_heads = 2
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(SEQ_LENS, num_kv_heads, head_dim, dtype)
     seq_lens = torch.tensor(SEQ_LENS, dtype=torch.int32, device=DEVICE)
     q = randn(len(SEQ_LENS), num_kv_heads * group, head_dim, seed=1, dtype=dtype)
     scale = head_dim**-0.5
-    out = decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, num_kv_splits=3)
+    out = decode_attention(
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, num_kv_splits=3, fused_merge=fused_merge
+    )  # fmt: skip
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
     assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
     torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("num_kv_splits", [1, 16])
-def test_decode_attention_split_counts_and_out_buffer(num_kv_splits):
-    """One split (whole length in one program) and more splits than blocks (empty splits) agree with the reference."""
+def test_decode_attention_split_counts_and_out_buffer(num_kv_splits, fused_merge):
+    """One split (whole length in one program, no merge) and more splits than blocks (empty splits) agree with the
+    reference, whichever way the splits are merged."""
     lens = [5, 123, 40]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 1, 64, torch.float32, seed=3)
     seq_lens = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
     q = randn(3, 4, 64, seed=4)
     out = torch.full_like(q, float("nan"))
     res = decode_attention(
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, out=out, num_kv_splits=num_kv_splits
-    )
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, out=out, num_kv_splits=num_kv_splits,
+        fused_merge=fused_merge,
+    )  # fmt: skip
     assert res is out
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
     torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
     # A hint below the real lengths only lowers the split count; splits then cover more blocks each.
     hinted = decode_attention(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, num_kv_splits=num_kv_splits,
-        max_seq_len_hint=20,
+        max_seq_len_hint=20, fused_merge=fused_merge,
     )  # fmt: skip
     torch.testing.assert_close(hinted.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
+
+
+def test_fused_merge_leaves_its_counters_at_zero():
+    """The last split program of each (request, KV head) merges and resets its counter, so back-to-back launches
+    (as graph replays are) keep matching the reference."""
+    lens = [70, 9, 33]
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32, seed=11)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = randn(3, 4, 64, seed=12)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    args = (q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    for _ in range(2):
+        out = decode_attention(*args, num_kv_splits=4, fused_merge=True)
+        torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
+    counters = decode_module._COUNTERS[q.device]
+    assert counters.numel() >= 3 * 2 and int(counters.abs().sum()) == 0
 
 
 def test_decode_attention_default_splits_long_context():
     """num_kv_splits None: the heuristic picks several splits from max_seq_len_hint (and, without one, from
     req_to_token's width); both match the reference."""
     lens = [300, 17]
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, 64, torch.float32, seed=7)
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 1, 64, torch.float32, seed=7)
     seq_lens = torch.tensor(lens, device=DEVICE)
-    q = randn(2, 8, 64, seed=8)
-    assert choose_num_kv_splits(2, 2, 300, 16, 4) == 10  # CPU: block 16, a nominal 4 SMs
+    q = randn(2, 4, 64, seed=8)
+    assert choose_num_kv_splits(2, 1, 300, 16, 4) == 4  # CPU: block 16, a nominal 4 SMs
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
     for hint in (300, None):
         out = decode_attention(
@@ -60,17 +86,34 @@ def test_decode_attention_default_splits_long_context():
         torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
-def test_choose_num_kv_splits_at_llama_decode_shapes():
-    """H200 (132 SMs), 8 KV heads, 4096 keys in blocks of 64: ~4096 stage-1 programs, at least 2 blocks per split."""
-    assert choose_num_kv_splits(8, 8, 4096, 64, 132) == 32
-    assert choose_num_kv_splits(32, 8, 4096, 64, 132) == 16
-    assert choose_num_kv_splits(1, 8, 131072, 64, 132) == 64  # capped at MAX_KV_SPLITS
-    assert choose_num_kv_splits(256, 8, 4096, 64, 132) == 3  # 6144 programs already: 22 blocks per split
-    assert choose_num_kv_splits(8, 8, 100, 64, 132) == 1  # two blocks: one split
-    for batch, length in ((3, 1000), (8, 4097), (64, 777)):
-        splits = choose_num_kv_splits(batch, 8, length, 64, 132)
-        blocks = -(-length // 64)
-        assert (splits - 1) * -(-blocks // splits) < blocks  # no split is empty at the bound
+def test_decode_launch_at_llama_decode_shapes():
+    """H200 (132 SMs), 8 KV heads, 4096 keys in blocks of 128 (bf16, head dim 128): at most two stage-1 programs
+    per SM, in one wave, with 2 stages; 3 stages when a short context leaves at most one program per SM."""
+    assert decode_module.decode_block_n(128, 2) == 128
+    assert decode_module.decode_block_n(128, 4) == 64  # fp32: the pipeline's buffers must fit in shared memory
+    assert decode_module.decode_block_n(64, 2) == 128
+    assert decode_module.decode_block_n(256, 2) == 64
+    assert decode_module.decode_block_n(128, 2, interpret=True) == 16
+    cases = {  # batch: (splits, stages)
+        1: (32, 2),  # 256 programs of one block each
+        8: (4, 2),
+        12: (2, 2),  # 192 programs: three splits would need a second wave
+        16: (2, 2),
+        32: (1, 2),
+        64: (1, 2),  # 512 programs: more than one wave whatever the split
+    }
+    for batch, (splits, stages) in cases.items():
+        assert choose_num_kv_splits(batch, 8, 4096, 128, 132) == splits, batch
+        assert decode_module.decode_num_stages(batch * 8 * splits, 132) == stages, batch
+    assert choose_num_kv_splits(1, 8, 1 << 20, 128, 132) == 33
+    assert choose_num_kv_splits(1, 1, 1 << 20, 128, 132) == 64  # capped at MAX_KV_SPLITS
+    assert choose_num_kv_splits(8, 8, 300, 128, 132) == 3  # three blocks: 192 programs, one block each
+    assert decode_module.decode_num_stages(8 * 8 * 1, 132) == 3
+    for batch, length in ((3, 1000), (8, 4097), (64, 777), (1, 700), (2, 1300), (5, 4000)):
+        splits = choose_num_kv_splits(batch, 8, length, 128, 132)
+        blocks = -(-length // 128)
+        assert 1 <= splits <= blocks and (splits - 1) * -(-blocks // splits) < blocks  # no split is empty
+        assert batch * 8 * splits <= 2 * 132 or splits == 1  # one wave
 
 
 def test_decode_attention_ignores_slots_past_seq_len():

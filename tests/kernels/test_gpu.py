@@ -40,13 +40,16 @@ def _cuda(tree):
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 128)])
-def test_decode_attention_bf16(group, head_dim):
+@pytest.mark.parametrize("num_kv_splits,fused_merge", [(None, None), (1, None), (5, True), (5, False)])
+def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge):
     lens = [1, 7, 37, 123, 1000]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, head_dim, torch.bfloat16)
     args = [t.cuda() for t in (k_buffer, v_buffer, req_to_token, req_pool_indices, torch.tensor(lens))]
     q = torch.randn(len(lens), 2 * group, head_dim, device="cuda", dtype=torch.bfloat16)
-    out = decode_attention(q, *args, head_dim**-0.5)
-    torch.testing.assert_close(out.float(), decode_attention_ref(q, *args, head_dim**-0.5).float(), **BF16)
+    ref = decode_attention_ref(q, *args, head_dim**-0.5).float()
+    for _ in range(2):  # the fused merge's counters are back at zero for the second launch
+        out = decode_attention(q, *args, head_dim**-0.5, num_kv_splits=num_kv_splits, fused_merge=fused_merge)
+        torch.testing.assert_close(out.float(), ref, **BF16)
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128)])
@@ -87,17 +90,18 @@ def test_attention_replays_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    q.normal_()
-    seq_lens.copy_(torch.tensor([199, 3]))
-    tree_args["q"].normal_()
-    tree_args["prefix_lens"].copy_(torch.tensor([5, 150]))
-    mask.copy_(_tree_mask(2, 16, torch.Generator().manual_seed(2)))
-    graph.replay()
-    torch.cuda.synchronize()
-    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088)
-    torch.testing.assert_close(out.float(), ref.float(), **BF16)
-    tree_ref = extend_attention_ref(**tree_args, custom_mask=mask)
-    torch.testing.assert_close(tree_out.float(), tree_ref.float(), **BF16)
+    for new_lens, new_prefix, seed in (([199, 3], [5, 150], 2), ([64, 200], [118, 0], 3)):
+        q.normal_()
+        seq_lens.copy_(torch.tensor(new_lens))
+        tree_args["q"].normal_()
+        tree_args["prefix_lens"].copy_(torch.tensor(new_prefix))
+        mask.copy_(_tree_mask(2, 16, torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088)
+        torch.testing.assert_close(out.float(), ref.float(), **BF16)
+        tree_ref = extend_attention_ref(**tree_args, custom_mask=mask)
+        torch.testing.assert_close(tree_out.float(), tree_ref.float(), **BF16)
 
 
 def test_tree_ops_match_reference_on_gpu():
