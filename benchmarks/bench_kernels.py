@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--tree-tokens", type=int, default=64)
     parser.add_argument(
-        "--num-kv-splits", default="auto,16,32", help="decode split counts to time, comma-separated (auto: the default)"
+        "--num-kv-splits", default="auto,1,2,8", help="decode split counts to time, comma-separated (auto: the default)"
     )
     parser.add_argument(
         "--extend-kv-splits", default="auto,1,8", help="tree-verify prefix split counts to time (auto: the default)"

@@ -40,7 +40,6 @@ def set_config(kernel: str, cfg: dict) -> None:
             cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
         )  # fmt: skip
         decode_mod.FUSED_MERGE_GPU = bool(cfg["fused_merge"])
-        decode_mod.KV_EVICTION_GPU = "evict_first" if cfg["evict_first"] else ""
     else:
         extend_mod.ROWS_GPU, extend_mod.BLOCK_N_GPU = cfg["rows"], cfg["block_n"]
         extend_mod.NUM_WARPS_GPU, extend_mod.NUM_STAGES_GPU = cfg["num_warps"], cfg["num_stages"]
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/4,16,32 (default: a wide grid)",
     )
     p.add_argument("--fused-merge", default="1,0", help="decode split merges to sweep: 1 in stage 1, 0 by a launch")
-    p.add_argument("--evict-first", default="0", help="decode K/V loads to sweep: 1 with the evict_first hint, 0 none")
     p.add_argument("--precise-pv", default="1", help="decode P.V products to sweep: 1 split (precise), 0 bf16")
     p.add_argument("--flush", default=bench_kernels.FLUSH, choices=FLUSH_MODES, help="as in bench_kernels.py")
     p.add_argument("--warmup", type=int, default=10)
@@ -91,17 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "decode": {"block_n": decode_mod.BLOCK_N_GPU, "num_warps": decode_mod.NUM_WARPS_GPU,
                    "num_stages": decode_mod.NUM_STAGES_GPU, "fused_merge": int(decode_mod.FUSED_MERGE_GPU),
-                   "evict_first": int(bool(decode_mod.KV_EVICTION_GPU)), "precise_pv": 1},
+                   "precise_pv": 1},
         "tree": {"rows": extend_mod.ROWS_GPU, "block_n": extend_mod.BLOCK_N_GPU, "num_warps": extend_mod.NUM_WARPS_GPU,
                  "num_stages": extend_mod.NUM_STAGES_GPU},
     }  # fmt: skip
     grids = {
         "decode": [
-            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp, "fused_merge": fm, "evict_first": ev,
-             "precise_pv": pv}
-            for bn, w, s, sp, fm, ev, pv in itertools.product(
+            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp, "fused_merge": fm, "precise_pv": pv}
+            for bn, w, s, sp, fm, pv in itertools.product(
                 *(args.decode_grid or ((32, 64, 128), (4, 8), (2, 3, 4), (8, 16, 32, 4))),
-                *([int(x) for x in a.split(",") if x] for a in (args.fused_merge, args.evict_first, args.precise_pv)),
+                *([int(x) for x in a.split(",") if x] for a in (args.fused_merge, args.precise_pv)),
             )
         ],
         "tree": [

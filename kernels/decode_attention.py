@@ -31,8 +31,6 @@ NUM_WARPS_GPU = 4
 NUM_STAGES_GPU = None
 MAX_KV_SPLITS = 64
 PROGRAMS_PER_SM = 2
-# L2 eviction hint on the K/V loads ("" none, "evict_first": each block is read once).
-KV_EVICTION_GPU = ""
 # Split merge on CUDA: by the last split program of each (request, KV head) (True) or by a second launch (False).
 FUSED_MERGE_GPU = True
 
@@ -96,7 +94,6 @@ def _decode_attention_block(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    KV_EVICTION: tl.constexpr,
 ):
     """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the keys at KV-cache
     slots `slots` [BLOCK_N] (int64), of which those under mask_n exist."""
@@ -106,7 +103,6 @@ def _decode_attention_block(
         k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
         mask=kv_mask,
         other=0.0,
-        eviction_policy=KV_EVICTION,
     )  # [BLOCK_N, BLOCK_D]
     if INTERPRET:
         k = k.to(tl.float32)
@@ -121,7 +117,6 @@ def _decode_attention_block(
         v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
         mask=kv_mask,
         other=0.0,
-        eviction_policy=KV_EVICTION,
     )
     if INTERPRET:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -171,7 +166,6 @@ def _decode_attention_stage1_kernel(
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    KV_EVICTION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -216,7 +210,6 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                KV_EVICTION,
             )  # fmt: skip
             slots = next_slots
             n0 += BLOCK_N
@@ -227,7 +220,6 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                KV_EVICTION,
             )  # fmt: skip
             slots = next_slots
 
@@ -479,7 +471,6 @@ def decode_attention(
         NUM_SPLITS=num_kv_splits,
         INTERPRET=interpret,
         PRECISE_PV=precise_pv and q.dtype != torch.float32,
-        KV_EVICTION="" if interpret else KV_EVICTION_GPU,
         **gpu_opts,
     )
     if merge == MERGE_KERNEL:

@@ -68,7 +68,6 @@ def main() -> int:
     ok = True
     bf = "*bf16"
     da = decode_attention
-    evict = da.KV_EVICTION_GPU
     variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages
         (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3),
         (128, "*bf16", True, da.MERGE_NONE, 2),
@@ -88,7 +87,7 @@ def main() -> int:
             ),
             dict(GROUP=4, BLOCK_H=16, BLOCK_G=4, BLOCK_S=8, MERGE=merge.value,
                  BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2), HEAD_DIM=head_dim, BLOCK_D=head_dim,
-                 NUM_SPLITS=8, INTERPRET=False, PRECISE_PV=precise, KV_EVICTION=evict),
+                 NUM_SPLITS=8, INTERPRET=False, PRECISE_PV=precise),
             num_warps=da.NUM_WARPS_GPU,
             num_stages=stages,
         )  # fmt: skip
