@@ -31,6 +31,8 @@ NUM_WARPS_GPU = 4
 NUM_STAGES_GPU = None
 MAX_KV_SPLITS = 64
 PROGRAMS_PER_SM = 2
+# Partial-output values the in-launch merge holds at once.
+MERGE_VALUES = 16384
 # Split merge on CUDA: by the last split program of each (request, KV head) (True) or by a second launch (False).
 FUSED_MERGE_GPU = True
 
@@ -66,6 +68,13 @@ def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_
     num_blocks = max(1, -(-max_seq_len // block_n))
     splits = max(1, min(PROGRAMS_PER_SM * sm_count // pairs, num_blocks, MAX_KV_SPLITS))
     return -(-num_blocks // -(-num_blocks // splits))
+
+
+def merge_heads(group: int, block_s: int, block_d: int) -> int:
+    """Query heads merged at a time by the last split program: all of the group while their partials take at most
+    MERGE_VALUES fp32 registers' worth (128 per thread at 4 warps), fewer (a power of two) beyond."""
+    fit = max(1, MERGE_VALUES // (block_s * block_d))
+    return min(next_pow2(group), 1 << (fit.bit_length() - 1))
 
 
 def decode_num_stages(programs: int, sm_count: int) -> int:
@@ -157,7 +166,7 @@ def _decode_attention_stage1_kernel(
     num_kv_heads,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    MERGE_HEADS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -250,7 +259,7 @@ def _decode_attention_stage1_kernel(
         if done == NUM_SPLITS - 1:
             _merge_splits(
                 partial_out_ptr, partial_lse_ptr, out_ptr, b, kv_head * GROUP, stride_pob, stride_poh, stride_pos,
-                stride_lb, stride_lh, stride_ob, stride_oh, GROUP, BLOCK_G, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
+                stride_lb, stride_lh, stride_ob, stride_oh, GROUP, MERGE_HEADS, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
             tl.atomic_xchg(counter, 0)
 
@@ -276,14 +285,40 @@ def _merge_splits(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[b, head0 : head0 + NUM_HEADS] = the log-sum-exp weighted mean of the heads' NUM_SPLITS partial outputs.
+    """out[b, head0 : head0 + NUM_HEADS] = the log-sum-exp weighted mean of the heads' NUM_SPLITS partial outputs,
+    BLOCK_G heads at a time (BLOCK_G x BLOCK_S x BLOCK_D fp32 values in registers).
 
     Loads bypass L1 (.cg): the partials were written by other programs, possibly on other SMs."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = head0 + offs_g
-    mask_g = offs_g < NUM_HEADS
+    for g0 in range(0, NUM_HEADS, BLOCK_G):
+        _merge_heads(
+            partial_out_ptr, partial_lse_ptr, out_ptr, b, head0 + g0 + offs_g, g0 + offs_g < NUM_HEADS, offs_s, offs_d,
+            stride_pob, stride_poh, stride_pos, stride_lb, stride_lh, stride_ob, stride_oh, NUM_SPLITS, HEAD_DIM,
+        )  # fmt: skip
+
+
+@triton.jit
+def _merge_heads(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    b,
+    heads,
+    mask_g,
+    offs_s,
+    offs_d,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     mask_gs = mask_g[:, None] & (offs_s < NUM_SPLITS)[None, :]
     lse = tl.load(
         partial_lse_ptr + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
@@ -462,7 +497,7 @@ def decode_attention(
         num_kv_heads,
         GROUP=group,
         BLOCK_H=block_h,
-        BLOCK_G=next_pow2(group),
+        MERGE_HEADS=merge_heads(group, next_pow2(num_kv_splits), block_d),
         BLOCK_S=next_pow2(num_kv_splits),
         MERGE=merge,
         BLOCK_N=block_n,

@@ -68,16 +68,17 @@ def main() -> int:
     ok = True
     bf = "*bf16"
     da = decode_attention
-    variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages
-        (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3),
-        (128, "*bf16", True, da.MERGE_NONE, 2),
-        (128, "*bf16", True, da.MERGE_KERNEL, 3),
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3),
-        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2),
-        (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3),
-        (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3),
+    variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages, group, splits
+        (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*bf16", True, da.MERGE_NONE, 2, 4, 1),
+        (128, "*bf16", True, da.MERGE_KERNEL, 3, 4, 8),
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8),
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 8, 64),  # merged two heads at a time
+        (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
     ]
-    for head_dim, bf, precise, merge, stages in variants:
+    for head_dim, bf, precise, merge, stages, group, splits in variants:
         ok &= compile_variant(
             da._decode_attention_stage1_kernel,
             dict(
@@ -85,9 +86,9 @@ def main() -> int:
                 seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf, counter_ptr="*i32",
                 qk_scale="fp32", num_kv_heads="i32",
             ),
-            dict(GROUP=4, BLOCK_H=16, BLOCK_G=4, BLOCK_S=8, MERGE=merge.value,
-                 BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2), HEAD_DIM=head_dim, BLOCK_D=head_dim,
-                 NUM_SPLITS=8, INTERPRET=False, PRECISE_PV=precise),
+            dict(GROUP=group, BLOCK_H=16, MERGE_HEADS=da.merge_heads(group, splits, head_dim), BLOCK_S=splits,
+                 MERGE=merge.value, BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2), HEAD_DIM=head_dim,
+                 BLOCK_D=head_dim, NUM_SPLITS=splits, INTERPRET=False, PRECISE_PV=precise),
             num_warps=da.NUM_WARPS_GPU,
             num_stages=stages,
         )  # fmt: skip

@@ -70,6 +70,26 @@ def test_fused_merge_leaves_its_counters_at_zero():
     assert counters.numel() >= 3 * 2 and int(counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("merge_values", [256, 16384])
+def test_fused_merge_in_head_chunks(monkeypatch, merge_values):
+    """A group whose partials would not fit in registers at once is merged a few heads at a time."""
+    if merge_values == decode_module.MERGE_VALUES:
+        # 16384 values: a group of 4 at 32 splits of head dim 128 at once; 8 at 64 splits in four steps.
+        assert decode_module.merge_heads(4, 32, 128) == 4 and decode_module.merge_heads(8, 64, 128) == 2
+        assert decode_module.merge_heads(3, 64, 64) == 4  # a power of two, masked to the group
+    monkeypatch.setattr(decode_module, "MERGE_VALUES", merge_values)
+    assert decode_module.merge_heads(8, 4, 64) == (1 if merge_values == 256 else 8)
+    lens = [123, 40]
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 1, 64, torch.float32, seed=21)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = randn(2, 8, 64, seed=22)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    out = decode_attention(
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, num_kv_splits=3, fused_merge=True
+    )
+    torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
+
+
 def test_decode_attention_default_splits_long_context():
     """num_kv_splits None: the heuristic picks several splits from max_seq_len_hint (and, without one, from
     req_to_token's width); both match the reference."""

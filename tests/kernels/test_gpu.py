@@ -40,7 +40,7 @@ def _cuda(tree):
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 128)])
-@pytest.mark.parametrize("num_kv_splits,fused_merge", [(None, None), (1, None), (5, True), (5, False)])
+@pytest.mark.parametrize("num_kv_splits,fused_merge", [(None, None), (1, None), (5, True), (5, False), (64, True)])
 def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge):
     lens = [1, 7, 37, 123, 1000]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, head_dim, torch.bfloat16)
