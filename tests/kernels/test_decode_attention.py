@@ -54,6 +54,29 @@ def test_decode_attention_split_counts_and_out_buffer(num_kv_splits, fused_merge
     torch.testing.assert_close(hinted.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_precise_pv_keeps_the_probabilities_bits(group, num_kv_splits):
+    """Values of +-100 whose probability-weighted mean is nearly 0: rounding the probabilities to bf16 (flash
+    attention's P.V) errs by about 0.06 here, the precise P.V by about 1e-4 (the output's own bf16 rounding). Every
+    query head of the group is the same vector, so that one centring of the values serves them all."""
+    n, head_dim, scale = 150, 64, 0.125
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache([n], 1, head_dim, torch.bfloat16, seed=31)
+    q = randn(1, 1, head_dim, seed=32, dtype=torch.bfloat16).expand(1, group, head_dim).contiguous()
+    slots = req_to_token[req_pool_indices[0], :n].long()
+    keys = k_buffer[slots, 0].double()
+    probs = torch.softmax((keys @ q[0, 0].double()) * scale, 0)
+    x = torch.randn(n, head_dim, generator=torch.Generator().manual_seed(33), dtype=torch.float64).to(DEVICE)
+    v_buffer[slots, 0] = (100 * (x - probs @ x)).to(torch.bfloat16)
+    exact = (probs @ v_buffer[slots, 0].double()).float()
+    seq_lens = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, num_kv_splits=num_kv_splits
+    )
+    assert exact.abs().max() < 0.2  # the centring worked: the rounding of p would dominate the result
+    assert (out[0].float() - exact).abs().max() < 2e-3
+
+
 def test_fused_merge_leaves_its_counters_at_zero():
     """The last split program of each (request, KV head) merges and resets its counter, so back-to-back launches
     (as graph replays are) keep matching the reference."""
