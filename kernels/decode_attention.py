@@ -103,15 +103,9 @@ def _decode_attention_block(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    PACKED_PV: tl.constexpr,
-    BLOCK_G: tl.constexpr,
 ):
     """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the keys at KV-cache
-    slots `slots` [BLOCK_N] (int64), of which those under mask_n exist.
-
-    PACKED_PV: q's rows [BLOCK_G, 2 BLOCK_G) repeat rows [0, BLOCK_G), so their probabilities are equal; the P.V
-    operand takes p rounded to v's dtype in the first copy and the rounding error in the second, and one dot gives
-    both parts of the precise product in separate accumulator rows (summed at the end, `_fold_rows`)."""
+    slots `slots` [BLOCK_N] (int64), of which those under mask_n exist."""
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(
@@ -133,17 +127,7 @@ def _decode_attention_block(
         mask=kv_mask,
         other=0.0,
     )
-    if PACKED_PV:
-        p_hi = p.to(v.dtype)
-        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
-        rows = tl.arange(0, p.shape[0])[:, None]
-        packed = tl.where(rows < BLOCK_G, p_hi, p_lo)
-        if INTERPRET:
-            pv = tl.dot(packed.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(packed, v)
-        acc = acc * alpha[:, None] + pv
-    elif INTERPRET:
+    if INTERPRET:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     elif PRECISE_PV:
         acc = dot_split_p(p, v, acc * alpha[:, None])
@@ -191,8 +175,6 @@ def _decode_attention_stage1_kernel(
     NUM_SPLITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    PACKED_PV: tl.constexpr,
-    BLOCK_G: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -207,17 +189,13 @@ def _decode_attention_stage1_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
-    if PACKED_PV:
-        # Rows [0, BLOCK_G) and [BLOCK_G, 2 BLOCK_G) both hold the group's query heads.
-        q_heads = kv_head * GROUP + offs_h % BLOCK_G
-        q_mask = (offs_h < 2 * BLOCK_G) & (offs_h % BLOCK_G < GROUP)
-    else:
-        q_heads = kv_head * GROUP + offs_h
-        q_mask = offs_h < GROUP
+    heads = kv_head * GROUP + offs_h
+
     q = tl.load(
-        q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
-        mask=q_mask[:, None] & mask_d[None, :],
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
         other=0.0,
     )  # [BLOCK_H, BLOCK_D]
     if INTERPRET:
@@ -241,7 +219,6 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                PACKED_PV, BLOCK_G,
             )  # fmt: skip
             slots = next_slots
             n0 += BLOCK_N
@@ -252,20 +229,9 @@ def _decode_attention_stage1_kernel(
             m_i, l_i, acc = _decode_attention_block(
                 q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                PACKED_PV, BLOCK_G,
             )  # fmt: skip
             slots = next_slots
 
-    if PACKED_PV:
-        # [BLOCK_G] rows from here on: the two copies' accumulators summed, the first copy's m and l.
-        acc = _fold_rows(acc, BLOCK_H // BLOCK_G, BLOCK_G, 2)
-        m_i = _fold_rows(m_i[:, None], BLOCK_H // BLOCK_G, BLOCK_G, 1).reshape(BLOCK_G)
-        l_i = _fold_rows(l_i[:, None], BLOCK_H // BLOCK_G, BLOCK_G, 1).reshape(BLOCK_G)
-        offs_out = tl.arange(0, BLOCK_G)
-    else:
-        offs_out = offs_h
-    mask_h = offs_out < GROUP
-    heads = kv_head * GROUP + offs_out
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -296,14 +262,6 @@ def _decode_attention_stage1_kernel(
                 stride_lb, stride_lh, stride_ob, stride_oh, GROUP, MERGE_HEADS, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
             tl.atomic_xchg(counter, 0)
-
-
-@triton.jit
-def _fold_rows(x, COPIES: tl.constexpr, ROWS: tl.constexpr, KEEP: tl.constexpr):
-    """x [COPIES * ROWS, C] -> [ROWS, C]: the sum of its first KEEP row blocks of ROWS rows."""
-    x3 = tl.reshape(x, [COPIES, ROWS, x.shape[1]])
-    keep = tl.arange(0, COPIES)[:, None, None] < KEEP
-    return tl.sum(tl.where(keep, x3, 0.0), 0)
 
 
 @triton.jit
@@ -495,11 +453,7 @@ def decode_attention(
         num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
     group = num_q_heads // num_kv_heads
     block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
-    block_g = next_pow2(group)
     block_d = next_pow2(head_dim)
-    precise = precise_pv and q.dtype != torch.float32
-    # Precise P.V in one dot where the padding rows have room for a second copy of the group (groups up to 8).
-    packed = precise and 2 * block_g <= block_h
 
     if fused_merge is None:
         fused_merge = interpret or FUSED_MERGE_GPU
@@ -551,9 +505,7 @@ def decode_attention(
         BLOCK_D=block_d,
         NUM_SPLITS=num_kv_splits,
         INTERPRET=interpret,
-        PRECISE_PV=precise,
-        PACKED_PV=packed,
-        BLOCK_G=block_g,
+        PRECISE_PV=precise_pv and q.dtype != torch.float32,
         **gpu_opts,
     )
     if merge == MERGE_KERNEL:

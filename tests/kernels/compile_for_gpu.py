@@ -75,13 +75,12 @@ def main() -> int:
         (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
         (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8),
         (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 8, 64),  # merged two heads at a time
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 16, 8),  # precise P.V in two dots: no room to pack
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 16, 8),
         (64, "*bf16", True, da.MERGE_NONE, 2, 3, 1),
         (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3, 4, 8),
         (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
     ]
     for head_dim, bf, precise, merge, stages, group, splits in variants:
-        block_g = triton.next_power_of_2(group)
         ok &= compile_variant(
             da._decode_attention_stage1_kernel,
             dict(
@@ -89,10 +88,9 @@ def main() -> int:
                 seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf, counter_ptr="*i32",
                 qk_scale="fp32", num_kv_heads="i32",
             ),
-            dict(GROUP=group, BLOCK_H=max(16, block_g), MERGE_HEADS=da.merge_heads(group, splits, head_dim),
+            dict(GROUP=group, BLOCK_H=max(16, group), MERGE_HEADS=da.merge_heads(group, splits, head_dim),
                  BLOCK_S=splits, MERGE=merge.value, BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2),
-                 HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=splits, INTERPRET=False, PRECISE_PV=precise,
-                 PACKED_PV=precise and 2 * block_g <= max(16, block_g), BLOCK_G=block_g),
+                 HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=splits, INTERPRET=False, PRECISE_PV=precise),
             num_warps=da.NUM_WARPS_GPU,
             num_stages=stages,
         )  # fmt: skip

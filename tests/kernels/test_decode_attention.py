@@ -59,7 +59,8 @@ def test_decode_attention_split_counts_and_out_buffer(num_kv_splits, fused_merge
 def test_precise_pv_keeps_the_probabilities_bits(group, num_kv_splits):
     """Values of +-100 whose probability-weighted mean is nearly 0: rounding the probabilities to bf16 (flash
     attention's P.V) errs by about 0.06 here, the precise P.V by about 1e-4 (the output's own bf16 rounding). Every
-    query head of the group is the same vector, so that one centring of the values serves them all."""
+    query head of the group is the same vector, so that one centring of the values serves them all. (The
+    interpreter multiplies fp32 probabilities by upcast values: the GPU run is the one that checks the split.)"""
     n, head_dim, scale = 150, 64, 0.125
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache([n], 1, head_dim, torch.bfloat16, seed=31)
     q = randn(1, 1, head_dim, seed=32, dtype=torch.bfloat16).expand(1, group, head_dim).contiguous()
