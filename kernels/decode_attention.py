@@ -44,6 +44,7 @@ MERGE_LAST_SPLIT = tl.constexpr(2)  # partials, merged by the last program of th
 # Per-(request, KV head) arrival counters for MERGE_LAST_SPLIT, zero between launches: one buffer per device, made
 # on first use (before any CUDA-graph capture: captures warm up eagerly first).
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
 _MIN_COUNTERS = 8192
 
 
@@ -364,24 +365,11 @@ def _decode_attention_stage2_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < HEAD_DIM
-
-    lse = tl.load(partial_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.maximum(tl.max(lse, 0), -1.0e30)
-    w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
-    partial = tl.load(
-        partial_out_ptr + b * stride_pob + head * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    denom = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * partial, 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+    """The merge by a second launch: one program per (request, query head)."""
+    _merge_splits(
+        partial_out_ptr, partial_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), stride_pob, stride_poh,
+        stride_pos, stride_lb, stride_lh, stride_ob, stride_oh, 1, 1, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
+    )  # fmt: skip
 
 
 def decode_attention(
@@ -437,6 +425,8 @@ def decode_attention(
         raise ValueError("seq_lens must be contiguous")
     if num_kv_splits is not None and (not isinstance(num_kv_splits, int) or num_kv_splits < 1):
         raise ValueError(f"num_kv_splits must be None or a python int >= 1, got {num_kv_splits!r}")
+    if fused_merge is not None and not isinstance(fused_merge, bool):
+        raise ValueError(f"fused_merge must be None or a bool, got {fused_merge!r}")
     check_out("out", out, (batch, num_q_heads, head_dim), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -536,6 +526,8 @@ def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:
+            _RETIRED_COUNTERS.append(buf)  # graphs captured earlier still point at it
         buf = _COUNTERS[device] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
     return buf
 

@@ -92,6 +92,10 @@ def test_fused_merge_leaves_its_counters_at_zero():
         torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
     counters = decode_module._COUNTERS[q.device]
     assert counters.numel() >= 3 * 2 and int(counters.abs().sum()) == 0
+    # A batch needing more counters gets a new buffer; the old one stays alive for graphs captured with it.
+    grown = decode_module._merge_counters(q.device, counters.numel() + 1)
+    assert grown is decode_module._COUNTERS[q.device] and grown.numel() > counters.numel()
+    assert any(t is counters for t in decode_module._RETIRED_COUNTERS)
 
 
 @pytest.mark.parametrize("merge_values", [256, 16384])
@@ -185,6 +189,8 @@ def test_decode_attention_rejects_bad_arguments():
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, out=q[:1].clone())
     with pytest.raises(ValueError, match="num_kv_splits"):
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, num_kv_splits=0)
+    with pytest.raises(ValueError, match="fused_merge"):
+        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, fused_merge="yes")
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])
