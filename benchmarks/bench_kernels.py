@@ -309,7 +309,7 @@ def bench_tree_verify(
 
 
 def print_table(copy: dict, rows: list[dict]) -> None:
-    print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s; L2 flushed by a {FLUSH} before each replay\n")
+    print(f"\ncopy bandwidth: {copy['GBps']:.0f} GB/s; L2 flush before each replay: {FLUSH}\n")
     header = (
         f"{'kernel':<32}{'P.V':>8}{'KV':>6}{'B':>4}{'splits':>10}{'us':>10}{'GB/s':>8}{'%copy':>7}"
         f"{'sdpa us':>10}{'sdpa %':>8}{'speedup':>9}{'max err':>10}  ok"
