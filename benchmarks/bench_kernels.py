@@ -170,9 +170,12 @@ def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtyp
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
 
     def run(num_kv_splits=None, precise_pv=True):
+        """num_kv_splits: None (the wrapper's choice), a count, or "balanced" (schedule="balanced")."""
+        balanced = num_kv_splits == "balanced"
         decode_attention(
             q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, out=out,
-            num_kv_splits=num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
+            num_kv_splits=None if balanced else num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
+            schedule="balanced" if balanced else "split",
         )  # fmt: skip
         return out
 
@@ -201,6 +204,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_
         "query_tokens": 1,
         "auto_splits": num_kv_splits is None,
         "num_kv_splits": auto_decode_splits(batch, prefix, dev, dtype) if num_kv_splits is None else num_kv_splits,
+        "schedule": "balanced" if num_kv_splits == "balanced" else "split",
         "bytes": nbytes,
         "time_us": ms * 1e3,
         "GBps": nbytes / (ms * 1e-3) / 1e9,
@@ -361,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=4096)
     parser.add_argument("--tree-tokens", type=int, default=64)
     parser.add_argument(
-        "--num-kv-splits", default="auto,1,2,8", help="decode split counts to time, comma-separated (auto: the default)"
+        "--num-kv-splits",
+        default="auto,1,2,8,balanced",
+        help="decode split counts to time, comma-separated (auto: the default; balanced: schedule='balanced')",
     )
     parser.add_argument(
         "--extend-kv-splits", default="auto,1,8", help="tree-verify prefix split counts to time (auto: the default)"
@@ -404,10 +410,19 @@ def main(argv: list[str] | None = None) -> int:
     FLUSH = args.flush
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
 
-    def parse_splits(text: str) -> list[int | None]:
-        return [None if s == "auto" else int(s) for s in text.split(",") if s]
+    def parse_splits(text: str, words: tuple[str, ...] = ()) -> list[int | str | None]:
+        out = []
+        for s in (s for s in text.split(",") if s):
+            if s == "auto" or s in words:
+                out.append(None if s == "auto" else s)
+            elif s.isdigit() and int(s) > 0:
+                out.append(int(s))
+            else:
+                parser.error(f"unknown split count {s!r}: expected auto, a count{''.join(', ' + w for w in words)}")
+        return out
 
-    decode_splits, extend_splits = parse_splits(args.num_kv_splits), parse_splits(args.extend_kv_splits)
+    decode_splits = parse_splits(args.num_kv_splits, ("balanced",))
+    extend_splits = parse_splits(args.extend_kv_splits)
     gen = torch.Generator(device=args.device).manual_seed(0)
     # bf16 on the GPU; the interpreter mis-computes bf16 dots, so the CPU smoke test uses fp16.
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16

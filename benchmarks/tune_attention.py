@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-grid",
         default=None,
         type=lambda t: tuple(tuple(int(x) for x in part.split(",")) for part in t.split("/")),
-        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/4,16,32 (default: a wide grid)",
+        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/0,4,16 (splits 0: schedule='balanced'; "
+        "default: a wide grid)",
     )
     p.add_argument("--fused-merge", default="1,0", help="decode split merges to sweep: 1 in stage 1, 0 by a launch")
     p.add_argument("--precise-pv", default="1", help="decode P.V products to sweep: 1 split (precise), 0 bf16")
@@ -114,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         set_config(kernel, cfg)
         try:
             pv = bool(cfg["precise_pv"])
-            err = (run(cfg["splits"], pv).float() - ref.float()).abs().max().item()
-            us = bench_ms(lambda: run(cfg["splits"], pv), args.warmup, args.rep, dev) * 1e3
+            splits = "balanced" if kernel == "decode" and cfg["splits"] == 0 else cfg["splits"]
+            err = (run(splits, pv).float() - ref.float()).abs().max().item()
+            us = bench_ms(lambda: run(splits, pv), args.warmup, args.rep, dev) * 1e3
         except Exception as e:  # a configuration that does not compile (shared memory, registers) is skipped
             return {"kernel": kernel, "batch": batch, **cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         return {"kernel": kernel, "batch": batch, **cfg, "time_us": us, "pct_of_copy": 100 * nbytes / us / 1e3 /

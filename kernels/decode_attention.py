@@ -33,6 +33,9 @@ MAX_KV_SPLITS = 64
 PROGRAMS_PER_SM = 2
 # Partial-output values the in-launch merge holds at once.
 MERGE_VALUES = 16384
+# Work split on CUDA: "split" (request x KV head x split grid) or "balanced" (equal block shares per program).
+SCHEDULES = ("split", "balanced")
+SCHEDULE_GPU = "split"
 # Split merge on CUDA: by the last split program of each (request, KV head) (True) or by a second launch (False).
 FUSED_MERGE_GPU = True
 
@@ -266,6 +269,220 @@ def _decode_attention_stage1_kernel(
 
 
 @triton.jit
+def _decode_attention_balanced_kernel(
+    q_ptr,
+    k_buffer_ptr,
+    v_buffer_ptr,
+    req_to_token_ptr,
+    req_pool_indices_ptr,
+    seq_lens_ptr,
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    counter_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_req,
+    stride_ob,
+    stride_oh,
+    batch,
+    num_kv_heads,
+    num_programs,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
+):
+    """Every program gets an equal share of all K/V blocks, in (request, KV head, block) order, whatever the
+    requests' lengths: program p covers blocks [p T / P, (p + 1) T / P) of the T in all (P = min(programs, T)), so
+    no SM waits on a longer split. A (request, KV head) whose blocks a program covers whole is written directly;
+    one shared by several programs leaves a partial in each (at most two per program: its first and its last), and
+    the last of them to finish merges them (arrival counter, as MERGE_LAST_SPLIT).
+
+    partial_out [P, 2, BLOCK_G, D] and partial_lse [P, 2, BLOCK_G] fp32: per program, its first and last pieces."""
+    pid = tl.program_id(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int64)
+    nblk = tl.cdiv(lens, BLOCK_N)  # blocks of each of a request's KV heads
+    req_blocks = nblk * num_kv_heads
+    cum_end = tl.cumsum(req_blocks, 0)
+    total = tl.sum(req_blocks, 0)
+    # With fewer blocks than programs, only the first `total` programs take a share (one block each), so that every
+    # program between two others that share a (request, KV head) has a piece of it.
+    parts = tl.maximum(tl.minimum(total, num_programs), 1)
+    lo = tl.where(pid < parts, pid * total // parts, 0)
+    hi = tl.where(pid < parts, (pid + 1) * total // parts, 0)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    cur = lo
+    while cur < hi:
+        # The (request, KV head) that block `cur` belongs to, and the piece of it this program covers.
+        b = tl.sum((cum_end <= cur).to(tl.int32), 0)
+        this = offs_b == b
+        nb = tl.sum(tl.where(this, nblk, 0), 0)
+        seq_len = tl.sum(tl.where(this, lens, 0), 0).to(tl.int32)
+        local = cur - tl.sum(tl.where(this, cum_end - req_blocks, 0), 0)
+        kv_head = (local // nb).to(tl.int32)
+        blk0 = local - kv_head * nb
+        pair_start = cur - blk0
+        pair_end = pair_start + nb
+        seg_end = tl.minimum(hi, pair_end)
+        start = (blk0 * BLOCK_N).to(tl.int32)
+        end = tl.minimum(((blk0 + seg_end - cur) * BLOCK_N).to(tl.int32), seq_len)
+
+        heads = kv_head * GROUP + offs_h
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_h[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_H, BLOCK_D]
+        if INTERPRET:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        slot_row = req_to_token_ptr + tl.load(req_pool_indices_ptr + b).to(tl.int64) * stride_req
+        slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
+        if INTERPRET:
+            n0 = start
+            while n0 < end:
+                next_pos = n0 + BLOCK_N + offs_n
+                next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
+                m_i, l_i, acc = _decode_attention_block(
+                    q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                    stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+                )  # fmt: skip
+                slots = next_slots
+                n0 += BLOCK_N
+        else:
+            for n0 in range(start, end, BLOCK_N):
+                next_pos = n0 + BLOCK_N + offs_n
+                next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
+                m_i, l_i, acc = _decode_attention_block(
+                    q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                    stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+                )  # fmt: skip
+                slots = next_slots
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+
+        if (cur == pair_start) & (seg_end == pair_end):
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=mask_h[:, None] & mask_d[None, :],
+            )
+        else:
+            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            piece = pid * 2 + tl.where(cur == lo, 0, 1)
+            tl.store(
+                partial_out_ptr + (piece * BLOCK_G + offs_h[:, None]) * BLOCK_D + offs_d[None, :],
+                out,
+                mask=mask_h[:, None] & mask_d[None, :],
+            )
+            tl.store(partial_lse_ptr + piece * BLOCK_G + offs_h, lse, mask=mask_h)
+            tl.debug_barrier()
+            counter = counter_ptr + b * num_kv_heads + kv_head
+            p_first = ((pair_start + 1) * parts - 1) // total  # the program whose share holds block pair_start
+            p_last = (pair_end * parts - 1) // total
+            done = tl.atomic_add(counter, 1, sem="acq_rel")
+            if done == p_last - p_first:
+                first_piece = p_first * 2 + tl.where(pair_start == p_first * total // parts, 0, 1)
+                _merge_pieces(
+                    partial_out_ptr, partial_lse_ptr, out_ptr + b * stride_ob + kv_head * GROUP * stride_oh,
+                    stride_oh, first_piece, p_last - p_first + 1, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, MERGE_CHUNK,
+                )  # fmt: skip
+                tl.atomic_xchg(counter, 0)
+        cur = seg_end
+
+    # Requests without keys are in no program's share: their outputs are zeros, written round-robin.
+    offs_qh = tl.arange(0, BLOCK_QH)
+    zeros = tl.zeros([BLOCK_QH, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    r = pid
+    while r < batch:
+        empty = tl.load(seq_lens_ptr + r) == 0
+        tl.store(
+            out_ptr + r * stride_ob + offs_qh[:, None] * stride_oh + offs_d[None, :],
+            zeros,
+            mask=empty & (offs_qh < num_kv_heads * GROUP)[:, None] & mask_d[None, :],
+        )
+        r += num_programs
+
+
+@triton.jit
+def _merge_pieces(
+    partial_out_ptr,
+    partial_lse_ptr,
+    out_ptr,
+    stride_oh,
+    first_piece,
+    num_pieces,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
+):
+    """out[0:GROUP] (heads at stride_oh) = the log-sum-exp weighted mean of num_pieces partials of one (request, KV
+    head): piece first_piece, then the first piece (index 2 p) of each following program p, MERGE_CHUNK at a time."""
+    offs_c = tl.arange(0, MERGE_CHUNK)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    m = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    c0 = num_pieces * 0
+    while c0 < num_pieces:
+        idx = c0 + offs_c
+        mask_c = idx < num_pieces
+        # Piece i > 0 is the first piece of program first_piece // 2 + i.
+        piece = tl.where(idx == 0, first_piece, (first_piece // 2 + idx) * 2)
+        mask_cg = mask_c[:, None] & mask_g[None, :]
+        lse = tl.load(
+            partial_lse_ptr + piece[:, None] * BLOCK_G + offs_g[None, :],
+            mask=mask_cg,
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )  # [MERGE_CHUNK, BLOCK_G]
+        rows = piece[:, None, None] * BLOCK_G + offs_g[None, :, None]
+        part = tl.load(
+            partial_out_ptr + rows * BLOCK_D + offs_d[None, None, :],
+            mask=mask_cg[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )  # [MERGE_CHUNK, BLOCK_G, BLOCK_D]
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.exp2(lse - m_new[None, :])  # empty pieces weigh 0
+        rescale = tl.exp2(m - m_new)
+        w_sum = w_sum * rescale + tl.sum(w, 0)
+        acc = acc * rescale[:, None] + tl.sum(w[:, :, None] * part, 0)
+        m = m_new
+        c0 += MERGE_CHUNK
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    tl.store(
+        out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+
+
+@triton.jit
 def _merge_splits(
     partial_out_ptr,
     partial_lse_ptr,
@@ -385,6 +602,7 @@ def decode_attention(
     max_seq_len_hint: int | None = None,
     precise_pv: bool = True,
     fused_merge: bool | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """One new token per request attends to its paged KV history.
 
@@ -398,6 +616,10 @@ def decode_attention(
     fused_merge: with several splits, the last split program of each (request, KV head) merges them instead of a
     second launch; None: FUSED_MERGE_GPU on CUDA, always under the interpreter. Its arrival counters are one buffer
     per device, so two decode_attention launches must not run concurrently on different streams with it on.
+    schedule: "split" (a grid of request x KV head x split) or "balanced" (PROGRAMS_PER_SM programs per SM, each
+    with an equal share of all K/V blocks, `_decode_attention_balanced_kernel`; num_kv_splits and fused_merge do not
+    apply); None: SCHEDULE_GPU on CUDA, "split" under the interpreter. Balanced falls back to split while a CUDA
+    graph is captured without its counters.
     Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -427,6 +649,8 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be None or a python int >= 1, got {num_kv_splits!r}")
     if fused_merge is not None and not isinstance(fused_merge, bool):
         raise ValueError(f"fused_merge must be None or a bool, got {fused_merge!r}")
+    if schedule not in (None, *SCHEDULES):
+        raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
     check_out("out", out, (batch, num_q_heads, head_dim), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -436,6 +660,16 @@ def decode_attention(
     interpret = on_interpreter(q)
     block_n = decode_block_n(head_dim, q.element_size(), interpret)
     sm_count = num_sms(q.device)
+    if schedule is None:
+        schedule = "split" if interpret else SCHEDULE_GPU
+    if schedule == "balanced":
+        counters = _merge_counters(q.device, batch * num_kv_heads)
+        if counters is not None:
+            _decode_balanced(
+                q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n,
+                PROGRAMS_PER_SM * sm_count, precise_pv, interpret,
+            )  # fmt: skip
+            return out
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, block_n, sm_count)
@@ -517,6 +751,28 @@ def decode_attention(
             **({} if interpret else {"num_warps": 4}),
         )
     return out
+
+
+def _decode_balanced(
+    q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n, num_programs,
+    precise_pv, interpret,
+) -> None:  # fmt: skip
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads
+    block_g, block_d = next_pow2(group), next_pow2(head_dim)
+    partial_out = torch.empty((num_programs, 2, block_g, block_d), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((num_programs, 2, block_g), dtype=torch.float32, device=q.device)
+    gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": NUM_STAGES_GPU or 2}
+    _decode_attention_balanced_kernel[(num_programs,)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, partial_out, partial_lse, out, counters,
+        sm_scale * _LOG2E, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
+        v_buffer.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1), batch, num_kv_heads, num_programs,
+        GROUP=group, BLOCK_H=max(16, block_g), BLOCK_G=block_g, BLOCK_B=next_pow2(batch),
+        BLOCK_QH=next_pow2(num_q_heads), BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, MERGE_CHUNK=8,
+        INTERPRET=interpret,
+        PRECISE_PV=precise_pv and q.dtype != torch.float32, **gpu_opts,
+    )  # fmt: skip
 
 
 def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:

@@ -76,6 +76,23 @@ def test_bench_times_both_kv_layouts_and_rejects_unknown(tmp_path):
     assert bad.returncode == 2 and "unknown layout 'diagonal'" in bad.stderr
 
 
+def test_bench_times_the_balanced_schedule_and_rejects_unknown_counts(tmp_path):
+    """--num-kv-splits balanced: decode under schedule="balanced", checked against the reference like the rest."""
+    out = tmp_path / "bench.json"
+    args = ["--device", "cpu", "--out", str(out), "--batch-sizes", "2", "--prefix", "19", "--tree-tokens", "5"]
+    args += ["--extend-kv-splits", "auto", "--pv", "precise", "--copy-mib", "1"]
+    proc = _run([*args, "--num-kv-splits", "2,balanced"], interpret=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["kernel"], r["num_kv_splits"], r.get("schedule")) for r in rows] == [
+        ("decode_attention", 2, "split"), ("decode_attention", "balanced", "balanced"),
+        ("extend_attention (tree verify)", 1, None),
+    ]  # fmt: skip
+    assert all(r["ok"] and r["max_abs_err"] < 1e-2 for r in rows)
+    bad = _run([*args, "--num-kv-splits", "2,sideways"], interpret=True)
+    assert bad.returncode == 2 and "unknown split count 'sideways'" in bad.stderr
+
+
 def test_tune_script_smoke_on_cpu(tmp_path):
     """The launch sweep's code path on tiny shapes through the interpreter: one configuration per kernel is timed
     and checked against its reference, then timed again, and everything lands in the JSON."""

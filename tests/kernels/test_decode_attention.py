@@ -118,6 +118,34 @@ def test_fused_merge_in_head_chunks(monkeypatch, merge_values):
     torch.testing.assert_close(out.cpu(), ref.cpu(), **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 3, 8])
+@pytest.mark.parametrize(
+    "lens,num_kv_heads,group,dtype",
+    [
+        ([5, 123, 40], 2, 4, torch.float32),
+        ([0, 50, 0, 9], 2, 3, torch.float32),  # requests without keys get zeros
+        ([300], 1, 4, torch.float16),  # one (request, KV head) shared by up to 19 programs: merged 8 at a time
+        ([300, 1, 77], 3, 2, torch.bfloat16),
+        ([0, 0], 2, 1, torch.float32),  # no keys at all
+    ],
+)
+def test_balanced_schedule_matches_reference(monkeypatch, lens, num_kv_heads, group, dtype, programs_per_sm):
+    """schedule="balanced": equal block shares per program whatever the lengths, pieces of a (request, KV head) merged
+    by the last program to finish, counters back at zero; twice in a row, as graph replays run."""
+    monkeypatch.setattr(decode_module, "PROGRAMS_PER_SM", programs_per_sm)  # the interpreter counts 4 SMs
+    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, num_kv_heads, 64, dtype, seed=41)
+    seq_lens = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
+    q = randn(len(lens), num_kv_heads * group, 64, seed=42, dtype=dtype)
+    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, out=out, schedule="balanced"
+        )
+        torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
+    assert int(decode_module._COUNTERS[q.device].abs().sum()) == 0
+
+
 def test_decode_attention_default_splits_long_context():
     """num_kv_splits None: the heuristic picks several splits from max_seq_len_hint (and, without one, from
     req_to_token's width); both match the reference."""
@@ -191,6 +219,8 @@ def test_decode_attention_rejects_bad_arguments():
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, num_kv_splits=0)
     with pytest.raises(ValueError, match="fused_merge"):
         decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, fused_merge="yes")
+    with pytest.raises(ValueError, match="schedule"):
+        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 1.0, schedule="stream")
 
 
 @pytest.mark.parametrize("num_kv_heads,group,head_dim", [(3, 3, 64), (2, 7, 80)])

@@ -40,15 +40,23 @@ def _cuda(tree):
 
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 128)])
-@pytest.mark.parametrize("num_kv_splits,fused_merge", [(None, None), (1, None), (5, True), (5, False), (64, True)])
-def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge):
+@pytest.mark.parametrize(
+    "num_kv_splits,fused_merge,schedule",
+    [
+        (None, None, None), (1, None, None), (5, True, None), (5, False, None), (64, True, None),
+        (None, None, "balanced"),
+    ],  # fmt: skip
+)
+def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge, schedule):
     lens = [1, 7, 37, 123, 1000]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, head_dim, torch.bfloat16)
     args = [t.cuda() for t in (k_buffer, v_buffer, req_to_token, req_pool_indices, torch.tensor(lens))]
     q = torch.randn(len(lens), 2 * group, head_dim, device="cuda", dtype=torch.bfloat16)
     ref = decode_attention_ref(q, *args, head_dim**-0.5).float()
     for _ in range(2):  # the fused merge's counters are back at zero for the second launch
-        out = decode_attention(q, *args, head_dim**-0.5, num_kv_splits=num_kv_splits, fused_merge=fused_merge)
+        out = decode_attention(
+            q, *args, head_dim**-0.5, num_kv_splits=num_kv_splits, fused_merge=fused_merge, schedule=schedule
+        )
         torch.testing.assert_close(out.float(), ref, **BF16)
 
 
@@ -63,7 +71,8 @@ def test_extend_attention_bf16(group, head_dim, tree, num_kv_splits):
     torch.testing.assert_close(out.float(), extend_attention_ref(**args, custom_mask=mask).float(), **BF16)
 
 
-def test_attention_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("schedule", ["split", "balanced"])
+def test_attention_replays_in_a_cuda_graph(schedule):
     """Decode and tree-verify (split prefix + merge) captured once with fixed buffers, replayed after the inputs
     change in place."""
     lens = [50, 90]
@@ -79,7 +88,9 @@ def test_attention_replays_in_a_cuda_graph():
     tree_out = torch.empty_like(tree_args["q"])
 
     def step():
-        decode_attention(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088, out=out)
+        decode_attention(
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088, out=out, schedule=schedule
+        )
         extend_attention(**tree_args, custom_mask=mask, out=tree_out, num_kv_splits=3)
 
     stream = torch.cuda.Stream()
