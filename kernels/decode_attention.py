@@ -141,6 +141,60 @@ def _decode_attention_block(
 
 
 @triton.jit
+def _attend_range(
+    q,
+    k_buffer_ptr,
+    v_buffer_ptr,
+    slot_row,
+    start,
+    end,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    kv_head,
+    qk_scale,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PRECISE_PV: tl.constexpr,
+):
+    """(m, l, acc) of q [BLOCK_H, BLOCK_D] over the keys at positions [start, end) of one request, whose KV-cache
+    slots are at slot_row[position], in blocks of BLOCK_N."""
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    # The slot indices of the next block are loaded one iteration early (loop-carried), so that the K/V gathers
+    # depend on no load of their own iteration and the pipeliner can issue them num_stages - 1 blocks ahead.
+    offs_n = tl.arange(0, BLOCK_N)
+    slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
+    if INTERPRET:
+        # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
+        n0 = start
+        while n0 < end:
+            next_pos = n0 + BLOCK_N + offs_n
+            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
+            m_i, l_i, acc = _decode_attention_block(
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+            )  # fmt: skip
+            slots = next_slots
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            next_pos = n0 + BLOCK_N + offs_n
+            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
+            m_i, l_i, acc = _decode_attention_block(
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+            )  # fmt: skip
+            slots = next_slots
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_attention_stage1_kernel(
     q_ptr,
     k_buffer_ptr,
@@ -205,36 +259,10 @@ def _decode_attention_stage1_kernel(
     if INTERPRET:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-
-    # The slot indices of the next block are loaded one iteration early (loop-carried), so that the K/V gathers
-    # depend on no load of their own iteration and the pipeliner can issue them num_stages - 1 blocks ahead.
-    offs_n = tl.arange(0, BLOCK_N)
-    slot_row = req_to_token_ptr + req_row * stride_req
-    slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
-    if INTERPRET:
-        # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
-        n0 = start
-        while n0 < end:
-            next_pos = n0 + BLOCK_N + offs_n
-            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
-            m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-            )  # fmt: skip
-            slots = next_slots
-            n0 += BLOCK_N
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            next_pos = n0 + BLOCK_N + offs_n
-            next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
-            m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
-                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-            )  # fmt: skip
-            slots = next_slots
+    m_i, l_i, acc = _attend_range(
+        q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr + req_row * stride_req, start, end, stride_kn, stride_kh,
+        stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+    )  # fmt: skip
 
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
@@ -327,7 +355,6 @@ def _decode_attention_balanced_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
     cur = lo
@@ -354,31 +381,11 @@ def _decode_attention_balanced_kernel(
         )  # [BLOCK_H, BLOCK_D]
         if INTERPRET:
             q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         slot_row = req_to_token_ptr + tl.load(req_pool_indices_ptr + b).to(tl.int64) * stride_req
-        slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
-        if INTERPRET:
-            n0 = start
-            while n0 < end:
-                next_pos = n0 + BLOCK_N + offs_n
-                next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
-                m_i, l_i, acc = _decode_attention_block(
-                    q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
-                    stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                )  # fmt: skip
-                slots = next_slots
-                n0 += BLOCK_N
-        else:
-            for n0 in range(start, end, BLOCK_N):
-                next_pos = n0 + BLOCK_N + offs_n
-                next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
-                m_i, l_i, acc = _decode_attention_block(
-                    q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
-                    stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                )  # fmt: skip
-                slots = next_slots
+        m_i, l_i, acc = _attend_range(
+            q, k_buffer_ptr, v_buffer_ptr, slot_row, start, end, stride_kn, stride_kh, stride_vn, stride_vh, kv_head,
+            qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+        )  # fmt: skip
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
 
         if (cur == pair_start) & (seg_end == pair_end):
