@@ -142,12 +142,15 @@ def _decode_attention_block(
 
 @triton.jit
 def _attend_range(
-    q,
+    q_row,
+    heads,
+    mask_h,
     k_buffer_ptr,
     v_buffer_ptr,
     slot_row,
     start,
     end,
+    stride_qh,
     stride_kn,
     stride_kh,
     stride_vn,
@@ -161,8 +164,16 @@ def _attend_range(
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
 ):
-    """(m, l, acc) of q [BLOCK_H, BLOCK_D] over the keys at positions [start, end) of one request, whose KV-cache
-    slots are at slot_row[position], in blocks of BLOCK_N."""
+    """(out [BLOCK_H, BLOCK_D] fp32, log2-sum-exp [BLOCK_H]) of the query heads `heads` (rows of q_row, those under
+    mask_h) over the keys at positions [start, end) of one request, whose KV-cache slots are at slot_row[position],
+    in blocks of BLOCK_N. No keys: out 0, lse -inf."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :], other=0.0
+    )  # [BLOCK_H, BLOCK_D]
+    if INTERPRET:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
@@ -191,7 +202,9 @@ def _attend_range(
                 stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
             )  # fmt: skip
             slots = next_slots
-    return m_i, l_i, acc
+    has_keys = l_i > 0.0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    return acc / tl.where(has_keys, l_i, 1.0)[:, None], lse
 
 
 @triton.jit
@@ -251,22 +264,11 @@ def _decode_attention_stage1_kernel(
     mask_d = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_h
 
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_H, BLOCK_D]
-    if INTERPRET:
-        q = q.to(tl.float32)
-
-    m_i, l_i, acc = _attend_range(
-        q, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr + req_row * stride_req, start, end, stride_kn, stride_kh,
-        stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+    out, lse = _attend_range(
+        q_ptr + b * stride_qb, heads, mask_h, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr + req_row * stride_req,
+        start, end, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N,
+        HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
     )  # fmt: skip
-
-    has_keys = l_i > 0.0
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if MERGE == MERGE_NONE:
         # One split: this is the final output.
         tl.store(
@@ -374,19 +376,12 @@ def _decode_attention_balanced_kernel(
         end = tl.minimum(((blk0 + seg_end - cur) * BLOCK_N).to(tl.int32), seq_len)
 
         heads = kv_head * GROUP + offs_h
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=mask_h[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_H, BLOCK_D]
-        if INTERPRET:
-            q = q.to(tl.float32)
         slot_row = req_to_token_ptr + tl.load(req_pool_indices_ptr + b).to(tl.int64) * stride_req
-        m_i, l_i, acc = _attend_range(
-            q, k_buffer_ptr, v_buffer_ptr, slot_row, start, end, stride_kn, stride_kh, stride_vn, stride_vh, kv_head,
-            qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
+        out, lse = _attend_range(
+            q_ptr + b * stride_qb, heads, mask_h, k_buffer_ptr, v_buffer_ptr, slot_row, start, end, stride_qh,
+            stride_kn, stride_kh, stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D,
+            INTERPRET, PRECISE_PV,
         )  # fmt: skip
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
 
         if (cur == pair_start) & (seg_end == pair_end):
             tl.store(
@@ -395,7 +390,6 @@ def _decode_attention_balanced_kernel(
                 mask=mask_h[:, None] & mask_d[None, :],
             )
         else:
-            lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
             piece = pid * 2 + tl.where(cur == lo, 0, 1)
             tl.store(
                 partial_out_ptr + (piece * BLOCK_G + offs_h[:, None]) * BLOCK_D + offs_d[None, :],
@@ -667,6 +661,7 @@ def decode_attention(
     interpret = on_interpreter(q)
     block_n = decode_block_n(head_dim, q.element_size(), interpret)
     sm_count = num_sms(q.device)
+    precise = precise_pv and q.dtype != torch.float32
     if schedule is None:
         schedule = "split" if interpret else SCHEDULE_GPU
     if schedule == "balanced":
@@ -674,7 +669,7 @@ def decode_attention(
         if counters is not None:
             _decode_balanced(
                 q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n,
-                PROGRAMS_PER_SM * sm_count, precise_pv, interpret,
+                PROGRAMS_PER_SM * sm_count, precise, interpret,
             )  # fmt: skip
             return out
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
@@ -736,7 +731,7 @@ def decode_attention(
         BLOCK_D=block_d,
         NUM_SPLITS=num_kv_splits,
         INTERPRET=interpret,
-        PRECISE_PV=precise_pv and q.dtype != torch.float32,
+        PRECISE_PV=precise,
         **gpu_opts,
     )
     if merge == MERGE_KERNEL:
@@ -762,7 +757,7 @@ def decode_attention(
 
 def _decode_balanced(
     q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n, num_programs,
-    precise_pv, interpret,
+    precise, interpret,
 ) -> None:  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -778,7 +773,7 @@ def _decode_balanced(
         GROUP=group, BLOCK_H=max(16, block_g), BLOCK_G=block_g, BLOCK_B=next_pow2(batch),
         BLOCK_QH=next_pow2(num_q_heads), BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, MERGE_CHUNK=8,
         INTERPRET=interpret,
-        PRECISE_PV=precise_pv and q.dtype != torch.float32, **gpu_opts,
+        PRECISE_PV=precise, **gpu_opts,
     )  # fmt: skip
 
 
