@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import _compare  # noqa: E402
 
 
 def _fp32_logits(model) -> None:
@@ -82,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     for numerics in ("default", "fp32 logits", "fp32 logits + fp32 residual"):
         a = run(numerics, torch.float32, prompts, args.device)
         b = run(numerics, torch.float64, prompts, args.device)
-        first = [next((i for i, (u, w) in enumerate(zip(x, y)) if u != w), None) for x, y in zip(a, b) if x != y]
-        same = sum(x == y for x, y in zip(a, b))
-        report["results"][numerics] = {"identical": same, "first_difference_at": first}
-        print(f"{numerics:<30} fp32 vs fp64 attention: {same}/{len(prompts)} identical; first differences at {first}")
+        c = report["results"][numerics] = _compare(a, b)
+        print(
+            f"{numerics:<30} fp32 vs fp64 attention: {c['identical']}/{len(prompts)} identical; first differences at "
+            f"{c['first_difference_at']}"
+        )
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
