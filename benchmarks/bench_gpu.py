@@ -107,6 +107,7 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
     runs = {
         "gpu_path": ({}, True),
         "gpu_path_eager": ({"disable_cuda_graph": True}, True),
+        "gpu_path_precise_pv": ({"attention_precise_pv": True}, True),
         "torch_backend": ({"attention_backend": "torch", "disable_cuda_graph": True}, True),
         "pure_torch": ({"attention_backend": "torch", "disable_cuda_graph": True}, False),
         # pure torch again with attention in fp64: differs from pure_torch only far below bf16 precision
@@ -117,7 +118,7 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
     for dtype in ("float32", "bfloat16"):
         outputs = {}
         for name, (flags, fused) in runs.items():
-            if dtype == "float32" and name in ("gpu_path_eager", "pure_torch_fp64_attention"):
+            if dtype == "float32" and name in ("gpu_path_eager", "gpu_path_precise_pv", "pure_torch_fp64_attention"):
                 continue
             engine = Engine(EngineConfig(dtype=dtype, max_running_requests=8, max_total_tokens=65536, **flags))
             engine.runner.model.fused_kernels = fused
@@ -137,6 +138,10 @@ def greedy_agreement(n_prompts: int, tokens: int) -> dict:
             pairs = {
                 "cuda_graphs_only (gpu_path vs gpu_path_eager)": ("gpu_path", "gpu_path_eager"),
                 "attention_only (gpu_path_eager vs torch_backend)": ("gpu_path_eager", "torch_backend"),
+                "precise_pv (gpu_path with --attention-precise-pv vs torch_backend)": (
+                    "gpu_path_precise_pv", "torch_backend"),
+                "pv_precision_only (gpu_path vs gpu_path with --attention-precise-pv)": (
+                    "gpu_path", "gpu_path_precise_pv"),
                 "fused_kernels_only (torch_backend vs pure_torch)": ("torch_backend", "pure_torch"),
                 "rounding_noise_floor (pure_torch vs pure_torch_fp64_attention)": (
                     "pure_torch", "pure_torch_fp64_attention"),

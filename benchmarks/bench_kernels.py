@@ -136,13 +136,14 @@ def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def auto_decode_splits(batch: int, prefix: int, device: torch.device, dtype: torch.dtype) -> int:
+def auto_decode_splits(batch: int, prefix: int, device: torch.device, dtype: torch.dtype, precise_pv: bool) -> int:
     """The split count decode_attention picks for num_kv_splits=None (same inputs as the wrapper)."""
     from kernels._common import num_sms
 
     module = importlib.import_module("kernels.decode_attention")  # `kernels` re-exports the function by that name
     block_n = module.decode_block_n(HEAD_DIM, dtype.itemsize, device.type != "cuda")
-    return module.choose_num_kv_splits(batch, NUM_KV_HEADS, prefix, block_n, num_sms(device))
+    per_sm = module.PROGRAMS_PER_SM_PRECISE if precise_pv and dtype != torch.float32 else module.PROGRAMS_PER_SM
+    return module.choose_num_kv_splits(batch, NUM_KV_HEADS, prefix, block_n, num_sms(device), per_sm)
 
 
 def auto_extend_splits(batch: int, prefix: int, tree_tokens: int, device: torch.device) -> int:
@@ -169,13 +170,11 @@ def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtyp
     out = torch.empty_like(q)
     ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale)
 
-    def run(num_kv_splits=None, precise_pv=True):
-        """num_kv_splits: None (the wrapper's choice), a count, or "balanced" (schedule="balanced")."""
-        balanced = num_kv_splits == "balanced"
+    def run(num_kv_splits=None, precise_pv=False):
+        """num_kv_splits: None (the wrapper's choice) or a count."""
         decode_attention(
             q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, scale, out=out,
-            num_kv_splits=None if balanced else num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
-            schedule="balanced" if balanced else "split",
+            num_kv_splits=num_kv_splits, max_seq_len_hint=prefix, precise_pv=precise_pv,
         )  # fmt: skip
         return out
 
@@ -187,7 +186,7 @@ def decode_case(batch: int, prefix: int, gen: torch.Generator, dtype: torch.dtyp
     return run, ref, (lambda: sdpa(q4, k, v, None)[:, :, 0]), nbytes
 
 
-def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True, layout="slot") -> dict:
+def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_pv=False, layout="slot") -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     dev = gen.device
     run, ref, run_sdpa, nbytes = decode_case(batch, prefix, gen, dtype, layout)
@@ -203,8 +202,7 @@ def bench_decode(batch, prefix, num_kv_splits, warmup, rep, gen, dtype, precise_
         "prefix": prefix,
         "query_tokens": 1,
         "auto_splits": num_kv_splits is None,
-        "num_kv_splits": auto_decode_splits(batch, prefix, dev, dtype) if num_kv_splits is None else num_kv_splits,
-        "schedule": "balanced" if num_kv_splits == "balanced" else "split",
+        "num_kv_splits": num_kv_splits or auto_decode_splits(batch, prefix, dev, dtype, precise_pv),
         "bytes": nbytes,
         "time_us": ms * 1e3,
         "GBps": nbytes / (ms * 1e-3) / 1e9,
@@ -255,7 +253,7 @@ def tree_case(
     )  # fmt: skip
     ref = extend_attention_ref(*args, custom_mask=tree_mask)
 
-    def run(num_kv_splits=None, precise_pv=True):
+    def run(num_kv_splits=None, precise_pv=False):
         extend_attention(
             *args, custom_mask=tree_mask, out=out, num_kv_splits=num_kv_splits, max_prefix_len_hint=prefix,
             precise_pv=precise_pv,
@@ -281,7 +279,7 @@ def tree_case(
 
 
 def bench_tree_verify(
-    batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=True, layout="slot"
+    batch, prefix, tree_tokens, num_kv_splits, warmup, rep, gen, dtype, precise_pv=False, layout="slot"
 ) -> dict:
     """num_kv_splits None: the wrapper's own choice (reported as the count it picks)."""
     dev = gen.device
@@ -366,14 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree-tokens", type=int, default=64)
     parser.add_argument(
         "--num-kv-splits",
-        default="auto,1,2,8,balanced",
-        help="decode split counts to time, comma-separated (auto: the default; balanced: schedule='balanced')",
+        default="auto,1,2,8",
+        help="decode split counts to time, comma-separated (auto: the default)",
     )
     parser.add_argument(
         "--extend-kv-splits", default="auto,1,8", help="tree-verify prefix split counts to time (auto: the default)"
     )
     parser.add_argument(
-        "--pv", default="precise,bf16", help="P.V variants: precise (split probabilities, the default) and/or bf16"
+        "--pv", default="bf16,precise", help="P.V variants: bf16 (the default) and/or precise (split probabilities)"
     )
     parser.add_argument(
         "--kv-layout",
@@ -410,18 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     FLUSH = args.flush
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
 
-    def parse_splits(text: str, words: tuple[str, ...] = ()) -> list[int | str | None]:
+    def parse_splits(text: str) -> list[int | None]:
         out = []
         for s in (s for s in text.split(",") if s):
-            if s == "auto" or s in words:
-                out.append(None if s == "auto" else s)
+            if s == "auto":
+                out.append(None)
             elif s.isdigit() and int(s) > 0:
                 out.append(int(s))
             else:
-                parser.error(f"unknown split count {s!r}: expected auto, a count{''.join(', ' + w for w in words)}")
+                parser.error(f"unknown split count {s!r}: expected auto or a count")
         return out
 
-    decode_splits = parse_splits(args.num_kv_splits, ("balanced",))
+    decode_splits = parse_splits(args.num_kv_splits)
     extend_splits = parse_splits(args.extend_kv_splits)
     gen = torch.Generator(device=args.device).manual_seed(0)
     # bf16 on the GPU; the interpreter mis-computes bf16 dots, so the CPU smoke test uses fp16.

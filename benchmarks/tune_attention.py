@@ -62,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-grid",
         default=None,
         type=lambda t: tuple(tuple(int(x) for x in part.split(",")) for part in t.split("/")),
-        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/0,4,16 (splits 0: schedule='balanced'; "
-        "default: a wide grid)",
+        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/0,4,16 (default: a wide grid)",
     )
     p.add_argument("--fused-merge", default="1,0", help="decode split merges to sweep: 1 in stage 1, 0 by a launch")
-    p.add_argument("--precise-pv", default="1", help="decode P.V products to sweep: 1 split (precise), 0 bf16")
+    p.add_argument("--precise-pv", default="0", help="P.V products to sweep: 0 bf16 (the default), 1 split (precise)")
     p.add_argument("--flush", default=bench_kernels.FLUSH, choices=FLUSH_MODES, help="as in bench_kernels.py")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rep", type=int, default=40)
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "decode": {"block_n": decode_mod.BLOCK_N_GPU, "num_warps": decode_mod.NUM_WARPS_GPU,
                    "num_stages": decode_mod.NUM_STAGES_GPU, "fused_merge": int(decode_mod.FUSED_MERGE_GPU),
-                   "precise_pv": 1},
+                   "precise_pv": 0},
         "tree": {"rows": extend_mod.ROWS_GPU, "block_n": extend_mod.BLOCK_N_GPU, "num_warps": extend_mod.NUM_WARPS_GPU,
                  "num_stages": extend_mod.NUM_STAGES_GPU},
     }  # fmt: skip
@@ -103,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         ],
         "tree": [
-            {"rows": r, "block_n": bn, "num_warps": w, "num_stages": s, "splits": 1, "precise_pv": 1}
-            for r, bn, w, s in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3))
+            {"rows": r, "block_n": bn, "num_warps": w, "num_stages": s, "splits": 1, "precise_pv": pv}
+            for r, bn, w, s, pv in itertools.product(
+                (64, 128, 256), (32, 64, 128), (4, 8), (2, 3), [int(x) for x in args.precise_pv.split(",") if x]
+            )
         ],
     }
     results: list[dict] = []
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         set_config(kernel, cfg)
         try:
             pv = bool(cfg["precise_pv"])
-            splits = "balanced" if kernel == "decode" and cfg["splits"] == 0 else cfg["splits"]
+            splits = cfg["splits"]
             err = (run(splits, pv).float() - ref.float()).abs().max().item()
             us = bench_ms(lambda: run(splits, pv), args.warmup, args.rep, dev) * 1e3
         except Exception as e:  # a configuration that does not compile (shared memory, registers) is skipped

@@ -30,12 +30,15 @@ NUM_WARPS_GPU = 4
 # Stage-1 pipeline depth: None chooses it with the split count (`decode_num_stages`); an int forces it.
 NUM_STAGES_GPU = None
 MAX_KV_SPLITS = 64
-PROGRAMS_PER_SM = 2
+# Stage-1 programs that one SM holds at once (H200; 2-byte K/V, head dim 128, blocks of 128 keys, 2 stages): three
+# with P.V in half precision (137 registers, 72 KiB of shared memory each), two with the precise P.V (209 registers,
+# 76 KiB).
+PROGRAMS_PER_SM = 3
+PROGRAMS_PER_SM_PRECISE = 2
+# Score lost per wave beyond the first in `choose_num_kv_splits` (more program start-ups and partials to merge).
+WAVE_COST = 0.04
 # Partial-output values the in-launch merge holds at once.
 MERGE_VALUES = 16384
-# Work split on CUDA: "split" (request x KV head x split grid) or "balanced" (equal block shares per program).
-SCHEDULES = ("split", "balanced")
-SCHEDULE_GPU = "split"
 # Split merge on CUDA: by the last split program of each (request, KV head) (True) or by a second launch (False).
 FUSED_MERGE_GPU = True
 
@@ -59,19 +62,37 @@ def decode_block_n(head_dim: int, element_size: int, interpret: bool = False) ->
     return max(16, min(BLOCK_N_GPU, BLOCK_N_GPU * 256 // row_bytes))
 
 
-def choose_num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int) -> int:
+def choose_num_kv_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int, programs_per_sm: int = PROGRAMS_PER_SM
+) -> int:
     """KV splits for a stage-1 grid of batch x num_kv_heads x splits (host ints only: safe under graph capture).
 
-    Decode is a stream of K/V reads: the grid is sized to PROGRAMS_PER_SM programs per SM, all resident in one wave
-    (no tail wave), each loading its next block while it works on the current one. On an H200 that measured at
-    least as fast as one program per SM loading two blocks ahead, and up to 27% faster (batch 16). Never more splits
-    than blocks at max_seq_len, and no split left empty. E.g. 132 SMs, 8 KV heads, 4096 keys in blocks of 128:
-    batch 1 -> 32 splits, batch 8 -> 4, batch 16 -> 2, batch 32 -> 1 (256 programs each).
+    Decode is a stream of K/V reads, as fast as the programs keep every SM loading to the end. A split count giving
+    P programs is scored by how full it leaves the SMs: within one wave (P <= programs_per_sm x SMs, the SMs
+    holding ceil(P / SMs) programs or one fewer) P / (SMs x ceil(P / SMs)), halved when SMs hold one program each
+    (one program loads one block ahead: about half an SM's bandwidth); over several waves, the last wave's share
+    of a full one less WAVE_COST per extra wave. The best score wins, ties going to the fewest programs. Never more
+    splits than blocks at max_seq_len, and no split left empty. On an H200 (132 SMs, 8 KV heads, 4096 keys in
+    blocks of 128, three programs per SM) this picked the fastest count of 1-8 measured at batch 8-64 (bf16 P.V):
+    batch 8 -> 4 splits (256 programs), 12 -> 4 (384), 16 -> 2, 24 -> 2, 32 -> 1, 48 -> 1, 64 -> 3 (four waves).
     """
     pairs = max(1, batch * num_kv_heads)
     num_blocks = max(1, -(-max_seq_len // block_n))
-    splits = max(1, min(PROGRAMS_PER_SM * sm_count // pairs, num_blocks, MAX_KV_SPLITS))
-    return -(-num_blocks // -(-num_blocks // splits))
+    slots = max(1, programs_per_sm * sm_count)
+    best, best_score = 1, -1.0
+    for splits in range(1, min(num_blocks, MAX_KV_SPLITS) + 1):
+        if -(-num_blocks // -(-num_blocks // splits)) != splits:
+            continue  # blocks of ceil(num_blocks / splits) would leave this many splits with nothing to do
+        programs = pairs * splits
+        if programs <= slots:
+            per_sm = -(-programs // sm_count)
+            score = programs / (sm_count * per_sm) / (2 if per_sm == 1 else 1)
+        else:
+            waves = -(-programs // slots)
+            score = programs / (slots * waves) - WAVE_COST * (waves - 1)
+        if score > best_score + 1e-9:
+            best, best_score = splits, score
+    return best
 
 
 def merge_heads(group: int, block_s: int, block_d: int) -> int:
@@ -299,191 +320,6 @@ def _decode_attention_stage1_kernel(
 
 
 @triton.jit
-def _decode_attention_balanced_kernel(
-    q_ptr,
-    k_buffer_ptr,
-    v_buffer_ptr,
-    req_to_token_ptr,
-    req_pool_indices_ptr,
-    seq_lens_ptr,
-    partial_out_ptr,
-    partial_lse_ptr,
-    out_ptr,
-    counter_ptr,
-    qk_scale,
-    stride_qb,
-    stride_qh,
-    stride_kn,
-    stride_kh,
-    stride_vn,
-    stride_vh,
-    stride_req,
-    stride_ob,
-    stride_oh,
-    batch,
-    num_kv_heads,
-    num_programs,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_QH: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    PRECISE_PV: tl.constexpr,
-):
-    """Every program gets an equal share of all K/V blocks, in (request, KV head, block) order, whatever the
-    requests' lengths: program p covers blocks [p T / P, (p + 1) T / P) of the T in all (P = min(programs, T)), so
-    no SM waits on a longer split. A (request, KV head) whose blocks a program covers whole is written directly;
-    one shared by several programs leaves a partial in each (at most two per program: its first and its last), and
-    the last of them to finish merges them (arrival counter, as MERGE_LAST_SPLIT).
-
-    partial_out [P, 2, BLOCK_G, D] and partial_lse [P, 2, BLOCK_G] fp32: per program, its first and last pieces."""
-    pid = tl.program_id(0)
-    offs_b = tl.arange(0, BLOCK_B)
-    lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int64)
-    nblk = tl.cdiv(lens, BLOCK_N)  # blocks of each of a request's KV heads
-    req_blocks = nblk * num_kv_heads
-    cum_end = tl.cumsum(req_blocks, 0)
-    total = tl.sum(req_blocks, 0)
-    # With fewer blocks than programs, only the first `total` programs take a share (one block each), so that every
-    # program between two others that share a (request, KV head) has a piece of it.
-    parts = tl.maximum(tl.minimum(total, num_programs), 1)
-    lo = tl.where(pid < parts, pid * total // parts, 0)
-    hi = tl.where(pid < parts, (pid + 1) * total // parts, 0)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < GROUP
-    mask_d = offs_d < HEAD_DIM
-    cur = lo
-    while cur < hi:
-        # The (request, KV head) that block `cur` belongs to, and the piece of it this program covers.
-        b = tl.sum((cum_end <= cur).to(tl.int32), 0)
-        this = offs_b == b
-        nb = tl.sum(tl.where(this, nblk, 0), 0)
-        seq_len = tl.sum(tl.where(this, lens, 0), 0).to(tl.int32)
-        local = cur - tl.sum(tl.where(this, cum_end - req_blocks, 0), 0)
-        kv_head = (local // nb).to(tl.int32)
-        blk0 = local - kv_head * nb
-        pair_start = cur - blk0
-        pair_end = pair_start + nb
-        seg_end = tl.minimum(hi, pair_end)
-        start = (blk0 * BLOCK_N).to(tl.int32)
-        end = tl.minimum(((blk0 + seg_end - cur) * BLOCK_N).to(tl.int32), seq_len)
-
-        heads = kv_head * GROUP + offs_h
-        slot_row = req_to_token_ptr + tl.load(req_pool_indices_ptr + b).to(tl.int64) * stride_req
-        out, lse = _attend_range(
-            q_ptr + b * stride_qb, heads, mask_h, k_buffer_ptr, v_buffer_ptr, slot_row, start, end, stride_qh,
-            stride_kn, stride_kh, stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D,
-            INTERPRET, PRECISE_PV,
-        )  # fmt: skip
-
-        if (cur == pair_start) & (seg_end == pair_end):
-            tl.store(
-                out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=mask_h[:, None] & mask_d[None, :],
-            )
-        else:
-            piece = pid * 2 + tl.where(cur == lo, 0, 1)
-            tl.store(
-                partial_out_ptr + (piece * BLOCK_G + offs_h[:, None]) * BLOCK_D + offs_d[None, :],
-                out,
-                mask=mask_h[:, None] & mask_d[None, :],
-            )
-            tl.store(partial_lse_ptr + piece * BLOCK_G + offs_h, lse, mask=mask_h)
-            tl.debug_barrier()
-            counter = counter_ptr + b * num_kv_heads + kv_head
-            p_first = ((pair_start + 1) * parts - 1) // total  # the program whose share holds block pair_start
-            p_last = (pair_end * parts - 1) // total
-            done = tl.atomic_add(counter, 1, sem="acq_rel")
-            if done == p_last - p_first:
-                first_piece = p_first * 2 + tl.where(pair_start == p_first * total // parts, 0, 1)
-                _merge_pieces(
-                    partial_out_ptr, partial_lse_ptr, out_ptr + b * stride_ob + kv_head * GROUP * stride_oh,
-                    stride_oh, first_piece, p_last - p_first + 1, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, MERGE_CHUNK,
-                )  # fmt: skip
-                tl.atomic_xchg(counter, 0)
-        cur = seg_end
-
-    # Requests without keys are in no program's share: their outputs are zeros, written round-robin.
-    offs_qh = tl.arange(0, BLOCK_QH)
-    zeros = tl.zeros([BLOCK_QH, BLOCK_D], dtype=out_ptr.dtype.element_ty)
-    r = pid
-    while r < batch:
-        empty = tl.load(seq_lens_ptr + r) == 0
-        tl.store(
-            out_ptr + r * stride_ob + offs_qh[:, None] * stride_oh + offs_d[None, :],
-            zeros,
-            mask=empty & (offs_qh < num_kv_heads * GROUP)[:, None] & mask_d[None, :],
-        )
-        r += num_programs
-
-
-@triton.jit
-def _merge_pieces(
-    partial_out_ptr,
-    partial_lse_ptr,
-    out_ptr,
-    stride_oh,
-    first_piece,
-    num_pieces,
-    GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
-):
-    """out[0:GROUP] (heads at stride_oh) = the log-sum-exp weighted mean of num_pieces partials of one (request, KV
-    head): piece first_piece, then the first piece (index 2 p) of each following program p, MERGE_CHUNK at a time."""
-    offs_c = tl.arange(0, MERGE_CHUNK)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
-    m = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    c0 = num_pieces * 0
-    while c0 < num_pieces:
-        idx = c0 + offs_c
-        mask_c = idx < num_pieces
-        # Piece i > 0 is the first piece of program first_piece // 2 + i.
-        piece = tl.where(idx == 0, first_piece, (first_piece // 2 + idx) * 2)
-        mask_cg = mask_c[:, None] & mask_g[None, :]
-        lse = tl.load(
-            partial_lse_ptr + piece[:, None] * BLOCK_G + offs_g[None, :],
-            mask=mask_cg,
-            other=float("-inf"),
-            cache_modifier=".cg",
-        )  # [MERGE_CHUNK, BLOCK_G]
-        rows = piece[:, None, None] * BLOCK_G + offs_g[None, :, None]
-        part = tl.load(
-            partial_out_ptr + rows * BLOCK_D + offs_d[None, None, :],
-            mask=mask_cg[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )  # [MERGE_CHUNK, BLOCK_G, BLOCK_D]
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new[None, :])  # empty pieces weigh 0
-        rescale = tl.exp2(m - m_new)
-        w_sum = w_sum * rescale + tl.sum(w, 0)
-        acc = acc * rescale[:, None] + tl.sum(w[:, :, None] * part, 0)
-        m = m_new
-        c0 += MERGE_CHUNK
-    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-    tl.store(
-        out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask_g[:, None] & (offs_d < HEAD_DIM)[None, :],
-    )
-
-
-@triton.jit
 def _merge_splits(
     partial_out_ptr,
     partial_lse_ptr,
@@ -601,9 +437,8 @@ def decode_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     max_seq_len_hint: int | None = None,
-    precise_pv: bool = True,
+    precise_pv: bool = False,
     fused_merge: bool | None = None,
-    schedule: str | None = None,
 ) -> torch.Tensor:
     """One new token per request attends to its paged KV history.
 
@@ -613,14 +448,11 @@ def decode_attention(
     bound max_seq_len_hint (else req_to_token's width). `max_seq_len_hint` (an upper bound on seq_lens known on the
     host) also caps an explicit split count at one block per split.
     precise_pv (bf16/fp16): the probabilities enter the P.V product as two half-precision parts (see
-    `kernels._attention_common.dot_split_p`), so the result matches fp32 attention to about 16 bits instead of 8.
+    `kernels._attention_common.dot_split_p`), so the result matches fp32 attention to about 16 bits instead of 8;
+    off, they are rounded to q's dtype, as in flash attention.
     fused_merge: with several splits, the last split program of each (request, KV head) merges them instead of a
     second launch; None: FUSED_MERGE_GPU on CUDA, always under the interpreter. Its arrival counters are one buffer
     per device, so two decode_attention launches must not run concurrently on different streams with it on.
-    schedule: "split" (a grid of request x KV head x split) or "balanced" (PROGRAMS_PER_SM programs per SM, each
-    with an equal share of all K/V blocks, `_decode_attention_balanced_kernel`; num_kv_splits and fused_merge do not
-    apply); None: SCHEDULE_GPU on CUDA, "split" under the interpreter. Balanced falls back to split while a CUDA
-    graph is captured without its counters.
     Returns out [B, Hq, D] in q's dtype. No host sync, so it can be captured in a CUDA graph.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
@@ -650,8 +482,6 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be None or a python int >= 1, got {num_kv_splits!r}")
     if fused_merge is not None and not isinstance(fused_merge, bool):
         raise ValueError(f"fused_merge must be None or a bool, got {fused_merge!r}")
-    if schedule not in (None, *SCHEDULES):
-        raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
     check_out("out", out, (batch, num_q_heads, head_dim), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -662,19 +492,11 @@ def decode_attention(
     block_n = decode_block_n(head_dim, q.element_size(), interpret)
     sm_count = num_sms(q.device)
     precise = precise_pv and q.dtype != torch.float32
-    if schedule is None:
-        schedule = "split" if interpret else SCHEDULE_GPU
-    if schedule == "balanced":
-        counters = _merge_counters(q.device, batch * num_kv_heads)
-        if counters is not None:
-            _decode_balanced(
-                q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n,
-                PROGRAMS_PER_SM * sm_count, precise, interpret,
-            )  # fmt: skip
-            return out
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
     if num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_seq_len, block_n, sm_count)
+        num_kv_splits = choose_num_kv_splits(
+            batch, num_kv_heads, max_seq_len, block_n, sm_count, PROGRAMS_PER_SM_PRECISE if precise else PROGRAMS_PER_SM
+        )
     elif max_seq_len_hint is not None:
         num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
     group = num_q_heads // num_kv_heads
@@ -753,28 +575,6 @@ def decode_attention(
             **({} if interpret else {"num_warps": 4}),
         )
     return out
-
-
-def _decode_balanced(
-    q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, sm_scale, out, counters, block_n, num_programs,
-    precise, interpret,
-) -> None:  # fmt: skip
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buffer.shape[1]
-    group = num_q_heads // num_kv_heads
-    block_g, block_d = next_pow2(group), next_pow2(head_dim)
-    partial_out = torch.empty((num_programs, 2, block_g, block_d), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((num_programs, 2, block_g), dtype=torch.float32, device=q.device)
-    gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": NUM_STAGES_GPU or 2}
-    _decode_attention_balanced_kernel[(num_programs,)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, partial_out, partial_lse, out, counters,
-        sm_scale * _LOG2E, q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0),
-        v_buffer.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1), batch, num_kv_heads, num_programs,
-        GROUP=group, BLOCK_H=max(16, block_g), BLOCK_G=block_g, BLOCK_B=next_pow2(batch),
-        BLOCK_QH=next_pow2(num_q_heads), BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, MERGE_CHUNK=8,
-        INTERPRET=interpret,
-        PRECISE_PV=precise, **gpu_opts,
-    )  # fmt: skip
 
 
 def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:

@@ -352,7 +352,7 @@ def extend_attention(
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
     max_prefix_len_hint: int | None = None,
-    precise_pv: bool = True,
+    precise_pv: bool = False,
 ) -> torch.Tensor:
     """Attention of N new tokens (B requests, packed) over their paged prefixes and themselves.
 
@@ -364,7 +364,8 @@ def extend_attention(
     q owned by no request are left untouched. No host sync, so it can be captured in a CUDA graph.
     num_kv_splits: how many parts the prefix is split into (None: `choose_num_kv_splits` from the batch, the KV
     heads, the token blocks, the SM count and the prefix bound max_prefix_len_hint, else req_to_token's width).
-    precise_pv (bf16/fp16): probabilities enter P.V with about 16 bits (`kernels._attention_common.dot_split_p`).
+    precise_pv (bf16/fp16): probabilities enter P.V with about 16 bits (`kernels._attention_common.dot_split_p`)
+    instead of rounded to bf16/fp16 as in flash attention.
     """
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     num_tokens, num_q_heads, head_dim = q.shape

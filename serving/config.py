@@ -20,6 +20,13 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     attention_backend: str = field(default="auto", metadata={"help": "auto (triton on CUDA), torch, triton"})
+    attention_precise_pv: bool = field(
+        default=False,
+        metadata={
+            "help": "triton attention: the probabilities enter P.V as two bf16/fp16 parts (about fp32 accuracy) "
+            "instead of rounded as in flash attention; slower (docs/benchmarks.md)"
+        },
+    )
     context_length: int | None = field(
         default=None, metadata={"help": "max prompt + output tokens (default: the model's)"}
     )

@@ -36,7 +36,12 @@ class ModelRunner:
         self.allocator = SlotAllocator(num_slots)
         self.req_to_token = ReqToTokenPool(cfg.max_running_requests * 2 + 8, self.context_length + 64, device)
         self.backend = create_backend(
-            cfg.attention_backend, self.kv.k, self.kv.v, self.req_to_token.table, mc.head_dim**-0.5
+            cfg.attention_backend,
+            self.kv.k,
+            self.kv.v,
+            self.req_to_token.table,
+            mc.head_dim**-0.5,
+            precise_pv=cfg.attention_precise_pv,
         )
         self.aux_layer_ids: tuple[int, ...] = ()  # set by the speculative worker
         self.graph_runner = None

@@ -39,7 +39,9 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def create_backend(name: str, k_cache, v_cache, req_to_token, scale) -> AttentionBackend:
+def create_backend(name: str, k_cache, v_cache, req_to_token, scale, precise_pv: bool = False) -> AttentionBackend:
+    """precise_pv: the Triton kernels' P.V precision (`kernels.decode_attention`); the torch backend computes in
+    fp32 whatever it is."""
     if name == "auto":
         name = "triton" if k_cache.is_cuda else "torch"
     if name == "torch":
@@ -49,5 +51,5 @@ def create_backend(name: str, k_cache, v_cache, req_to_token, scale) -> Attentio
     if name == "triton":
         from serving.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(k_cache, v_cache, req_to_token, scale)
+        return TritonAttentionBackend(k_cache, v_cache, req_to_token, scale, precise_pv=precise_pv)
     raise ValueError(f"unknown attention backend {name!r} (auto, torch, triton)")

@@ -12,6 +12,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     graph_capturable = True
 
+    def __init__(self, k_cache, v_cache, req_to_token, scale, precise_pv: bool = False):
+        super().__init__(k_cache, v_cache, req_to_token, scale)
+        self.precise_pv = precise_pv
+
     def store_kv(self, k, v, layer_id, fb):
         store_kv(self.k_cache[layer_id], self.v_cache[layer_id], fb.out_cache_loc, k, v)
 
@@ -24,6 +28,7 @@ class TritonAttentionBackend(AttentionBackend):
             fb.req_pool_indices,
             fb.seq_lens,
             self.scale,
+            precise_pv=self.precise_pv,
         )
 
     def forward_extend(self, q, k, v, layer_id, fb):
@@ -42,4 +47,5 @@ class TritonAttentionBackend(AttentionBackend):
             self.scale,
             custom_mask=fb.custom_mask,
             max_prefix_len_hint=fb.max_seq_len or None,
+            precise_pv=self.precise_pv,
         )

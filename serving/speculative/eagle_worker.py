@@ -157,6 +157,7 @@ class EagleWorker:
             self.draft_kv.v,
             runner.req_to_token.table,
             dc.head_dim**-0.5,
+            precise_pv=cfg.attention_precise_pv,
         )
         on_gpu = self.device.type == "cuda"
         self._build_tree = tree_ops.build_tree if on_gpu else tree_ops.build_tree_ref

@@ -71,6 +71,7 @@ def main() -> int:
     variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages, group, splits
         (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
         (128, "*bf16", True, da.MERGE_NONE, 2, 4, 1),
+        (128, "*bf16", False, da.MERGE_NONE, 2, 4, 1),
         (128, "*bf16", True, da.MERGE_KERNEL, 3, 4, 8),
         (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
         (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8),
@@ -93,22 +94,6 @@ def main() -> int:
                  HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=splits, INTERPRET=False, PRECISE_PV=precise),
             num_warps=da.NUM_WARPS_GPU,
             num_stages=stages,
-        )  # fmt: skip
-    for head_dim, bf, precise, group in ((128, "*bf16", True, 4), (128, "*bf16", False, 8), (64, "*bf16", True, 3),
-                                         (128, "*fp32", False, 4)):
-        block_g = triton.next_power_of_2(group)
-        ok &= compile_variant(
-            da._decode_attention_balanced_kernel,
-            dict(
-                q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
-                seq_lens_ptr="*i64", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf, counter_ptr="*i32",
-                qk_scale="fp32", batch="i32", num_kv_heads="i32", num_programs="i32",
-            ),
-            dict(GROUP=group, BLOCK_H=max(16, block_g), BLOCK_G=block_g, BLOCK_B=32, BLOCK_QH=32,
-                 BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2), HEAD_DIM=head_dim, BLOCK_D=head_dim,
-                 MERGE_CHUNK=8, INTERPRET=False, PRECISE_PV=precise),
-            num_warps=da.NUM_WARPS_GPU,
-            num_stages=2,
         )  # fmt: skip
     ok &= compile_variant(
         decode_attention._decode_attention_stage2_kernel,

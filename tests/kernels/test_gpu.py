@@ -41,13 +41,13 @@ def _cuda(tree):
 
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 128)])
 @pytest.mark.parametrize(
-    "num_kv_splits,fused_merge,schedule",
+    "num_kv_splits,fused_merge,precise_pv",
     [
-        (None, None, None), (1, None, None), (5, True, None), (5, False, None), (64, True, None),
-        (None, None, "balanced"),
+        (None, None, False), (None, None, True), (1, None, False), (1, None, True), (5, True, False),
+        (5, False, False), (5, True, True), (64, True, False),
     ],  # fmt: skip
 )
-def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge, schedule):
+def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge, precise_pv):
     lens = [1, 7, 37, 123, 1000]
     k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 2, head_dim, torch.bfloat16)
     args = [t.cuda() for t in (k_buffer, v_buffer, req_to_token, req_pool_indices, torch.tensor(lens))]
@@ -55,7 +55,7 @@ def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge, sche
     ref = decode_attention_ref(q, *args, head_dim**-0.5).float()
     for _ in range(2):  # the fused merge's counters are back at zero for the second launch
         out = decode_attention(
-            q, *args, head_dim**-0.5, num_kv_splits=num_kv_splits, fused_merge=fused_merge, schedule=schedule
+            q, *args, head_dim**-0.5, num_kv_splits=num_kv_splits, fused_merge=fused_merge, precise_pv=precise_pv
         )
         torch.testing.assert_close(out.float(), ref, **BF16)
 
@@ -63,16 +63,17 @@ def test_decode_attention_bf16(group, head_dim, num_kv_splits, fused_merge, sche
 @pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128)])
 @pytest.mark.parametrize("tree", [False, True])
 @pytest.mark.parametrize("num_kv_splits", [None, 4])
-def test_extend_attention_bf16(group, head_dim, tree, num_kv_splits):
+@pytest.mark.parametrize("precise_pv", [False, True])
+def test_extend_attention_bf16(group, head_dim, tree, num_kv_splits, precise_pv):
     extend = [64] * 3 if tree else [7, 130, 1]
     args = _cuda(_packed_inputs([0, 300, 77], extend, 2, group, head_dim, torch.bfloat16))
     mask = _tree_mask(3, 64, torch.Generator().manual_seed(0)).cuda() if tree else None
-    out = extend_attention(**args, custom_mask=mask, num_kv_splits=num_kv_splits)
+    out = extend_attention(**args, custom_mask=mask, num_kv_splits=num_kv_splits, precise_pv=precise_pv)
     torch.testing.assert_close(out.float(), extend_attention_ref(**args, custom_mask=mask).float(), **BF16)
 
 
-@pytest.mark.parametrize("schedule", ["split", "balanced"])
-def test_attention_replays_in_a_cuda_graph(schedule):
+@pytest.mark.parametrize("precise_pv", [False, True])
+def test_attention_replays_in_a_cuda_graph(precise_pv):
     """Decode and tree-verify (split prefix + merge) captured once with fixed buffers, replayed after the inputs
     change in place."""
     lens = [50, 90]
@@ -89,9 +90,9 @@ def test_attention_replays_in_a_cuda_graph(schedule):
 
     def step():
         decode_attention(
-            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088, out=out, schedule=schedule
+            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.088, out=out, precise_pv=precise_pv
         )
-        extend_attention(**tree_args, custom_mask=mask, out=tree_out, num_kv_splits=3)
+        extend_attention(**tree_args, custom_mask=mask, out=tree_out, num_kv_splits=3, precise_pv=precise_pv)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
