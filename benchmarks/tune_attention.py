@@ -40,7 +40,6 @@ def set_config(kernel: str, cfg: dict) -> None:
             cfg["block_n"], cfg["num_warps"], cfg["num_stages"]
         )  # fmt: skip
         decode_mod.FUSED_MERGE_GPU = bool(cfg["fused_merge"])
-        decode_mod.KV_HEADS_PER_PROGRAM = cfg["kv_heads"] or None
     else:
         extend_mod.ROWS_GPU, extend_mod.BLOCK_N_GPU = cfg["rows"], cfg["block_n"]
         extend_mod.NUM_WARPS_GPU, extend_mod.NUM_STAGES_GPU = cfg["num_warps"], cfg["num_stages"]
@@ -63,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-grid",
         default=None,
         type=lambda t: tuple(tuple(int(x) for x in part.split(",")) for part in t.split("/")),
-        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/0,4,16 (stages 0, splits 0: the "
-        "wrapper's choice; default: a wide grid)",
+        help="decode sweep as BLOCK_NS/WARPS/STAGES/SPLITS, e.g. 64,128/4/2,3/0,4,16 (default: a wide grid)",
     )
     p.add_argument("--fused-merge", default="1,0", help="decode split merges to sweep: 1 in stage 1, 0 by a launch")
-    p.add_argument("--kv-heads", default="0", help="decode KV heads per program to sweep (0: the wrapper's choice)")
     p.add_argument("--precise-pv", default="0", help="P.V products to sweep: 0 bf16 (the default), 1 split (precise)")
     p.add_argument("--flush", default=bench_kernels.FLUSH, choices=FLUSH_MODES, help="as in bench_kernels.py")
     p.add_argument("--warmup", type=int, default=10)
@@ -92,17 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {
         "decode": {"block_n": decode_mod.BLOCK_N_GPU, "num_warps": decode_mod.NUM_WARPS_GPU,
                    "num_stages": decode_mod.NUM_STAGES_GPU, "fused_merge": int(decode_mod.FUSED_MERGE_GPU),
-                   "precise_pv": 0, "kv_heads": 0},
+                   "precise_pv": 0},
         "tree": {"rows": extend_mod.ROWS_GPU, "block_n": extend_mod.BLOCK_N_GPU, "num_warps": extend_mod.NUM_WARPS_GPU,
                  "num_stages": extend_mod.NUM_STAGES_GPU},
     }  # fmt: skip
     grids = {
         "decode": [
-            {"block_n": bn, "num_warps": w, "num_stages": s or None, "splits": sp, "fused_merge": fm,
-             "precise_pv": pv, "kv_heads": kh}
-            for bn, w, s, sp, fm, pv, kh in itertools.product(
+            {"block_n": bn, "num_warps": w, "num_stages": s, "splits": sp, "fused_merge": fm, "precise_pv": pv}
+            for bn, w, s, sp, fm, pv in itertools.product(
                 *(args.decode_grid or ((32, 64, 128), (4, 8), (2, 3, 4), (8, 16, 32, 4))),
-                *([int(x) for x in a.split(",") if x] for a in (args.fused_merge, args.precise_pv, args.kv_heads)),
+                *([int(x) for x in a.split(",") if x] for a in (args.fused_merge, args.precise_pv)),
             )
         ],
         "tree": [
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         set_config(kernel, cfg)
         try:
             pv = bool(cfg["precise_pv"])
-            splits = cfg["splits"] or None
+            splits = cfg["splits"]
             err = (run(splits, pv).float() - ref.float()).abs().max().item()
             us = bench_ms(lambda: run(splits, pv), args.warmup, args.rep, dev) * 1e3
         except Exception as e:  # a configuration that does not compile (shared memory, registers) is skipped

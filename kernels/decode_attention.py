@@ -35,8 +35,6 @@ MAX_KV_SPLITS = 64
 # 76 KiB).
 PROGRAMS_PER_SM = 3
 PROGRAMS_PER_SM_PRECISE = 2
-# KV heads per stage-1 program: None chooses (`decode_kv_heads_per_program`), an int forces it.
-KV_HEADS_PER_PROGRAM = None
 # Score lost per wave beyond the first in `choose_num_kv_splits` (more program start-ups and partials to merge).
 WAVE_COST = 0.04
 # Partial-output values the in-launch merge holds at once.
@@ -97,22 +95,6 @@ def choose_num_kv_splits(
     return best
 
 
-def decode_kv_heads_per_program(num_kv_heads: int, group: int, block_n: int) -> int:
-    """KV heads one stage-1 program attends for: KV_HEADS_PER_PROGRAM if set, else the most (a power of two dividing
-    num_kv_heads) whose query heads fit the 16 rows that the dot computes anyway. The cache stores a slot's KV heads
-    side by side, so a program reads that many heads' rows as one contiguous run per position (e.g. Llama-3.1-8B,
-    group 4: 4 heads, 1 KiB runs instead of 256-byte ones) for no extra arithmetic."""
-    if KV_HEADS_PER_PROGRAM is not None:
-        heads = KV_HEADS_PER_PROGRAM
-    else:
-        heads = 1
-        while heads * 2 * group <= 16 and num_kv_heads % (heads * 2) == 0 and block_n // (heads * 2) >= 1:
-            heads *= 2
-    if num_kv_heads % heads or block_n % heads:
-        raise ValueError(f"{heads} KV heads per program must divide {num_kv_heads} KV heads and {block_n} rows")
-    return heads
-
-
 def merge_heads(group: int, block_s: int, block_d: int) -> int:
     """Query heads merged at a time by the last split program: all of the group while their partials take at most
     MERGE_VALUES fp32 registers' worth (128 per thread at 4 warps), fewer (a power of two) beyond."""
@@ -132,13 +114,12 @@ def _decode_attention_block(
     k_buffer_ptr,
     v_buffer_ptr,
     slots,
-    kv_heads,
     mask_n,
-    match,
     stride_kn,
     stride_kh,
     stride_vn,
     stride_vh,
+    kv_head,
     m_i,
     l_i,
     acc,
@@ -147,15 +128,13 @@ def _decode_attention_block(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    KV_HEADS: tl.constexpr,
 ):
-    """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the K/V rows of KV
-    head kv_heads[r] at KV-cache slot slots[r] (int64) [BLOCK_N], of which those under mask_n exist. With several
-    KV heads per program (KV_HEADS > 1), query row i sees row r only where match[i, r] (its own KV head)."""
+    """Online-softmax update of (m_i, l_i, acc) [BLOCK_H], [BLOCK_H], [BLOCK_H, BLOCK_D] with the keys at KV-cache
+    slots `slots` [BLOCK_N] (int64), of which those under mask_n exist."""
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = mask_n[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(
-        k_buffer_ptr + slots[:, None] * stride_kn + kv_heads[:, None] * stride_kh + offs_d[None, :],
+        k_buffer_ptr + slots[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :],
         mask=kv_mask,
         other=0.0,
     )  # [BLOCK_N, BLOCK_D]
@@ -163,16 +142,13 @@ def _decode_attention_block(
         k = k.to(tl.float32)
     # ieee: fp32 inputs would otherwise multiply in tf32 on the GPU (10-bit mantissa); ignored for fp16/bf16.
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
-    if KV_HEADS == 1:
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-    else:
-        qk = tl.where(match & mask_n[None, :], qk, float("-inf"))
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_buffer_ptr + slots[:, None] * stride_vn + kv_heads[:, None] * stride_vh + offs_d[None, :],
+        v_buffer_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
         mask=kv_mask,
         other=0.0,
     )
@@ -190,7 +166,6 @@ def _attend_range(
     q_row,
     heads,
     mask_h,
-    row_kv,
     k_buffer_ptr,
     v_buffer_ptr,
     slot_row,
@@ -201,7 +176,7 @@ def _attend_range(
     stride_kh,
     stride_vn,
     stride_vh,
-    kv_head0,
+    kv_head,
     qk_scale,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -209,13 +184,10 @@ def _attend_range(
     BLOCK_D: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISE_PV: tl.constexpr,
-    KV_HEADS: tl.constexpr,
 ):
     """(out [BLOCK_H, BLOCK_D] fp32, log2-sum-exp [BLOCK_H]) of the query heads `heads` (rows of q_row, those under
-    mask_h; row i belongs to KV head kv_head0 + row_kv[i]) over the keys at positions [start, end) of one request,
-    whose KV-cache slots are at slot_row[position], for KV heads kv_head0 .. kv_head0 + KV_HEADS - 1. A block holds
-    BLOCK_N K/V rows: BLOCK_N / KV_HEADS positions, each with its KV_HEADS heads side by side (adjacent in the
-    cache, so a block reads KV_HEADS x D contiguous values per position). No keys: out 0, lse -inf."""
+    mask_h) over the keys at positions [start, end) of one request, whose KV-cache slots are at slot_row[position],
+    in blocks of BLOCK_N. No keys: out 0, lse -inf."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
@@ -228,33 +200,27 @@ def _attend_range(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     # The slot indices of the next block are loaded one iteration early (loop-carried), so that the K/V gathers
     # depend on no load of their own iteration and the pipeliner can issue them num_stages - 1 blocks ahead.
-    offs_r = tl.arange(0, BLOCK_N)
-    offs_n = offs_r // KV_HEADS  # position of each row within the block
-    kv_heads = kv_head0 + offs_r % KV_HEADS
-    match = row_kv[:, None] == (offs_r % KV_HEADS)[None, :]
-    step = BLOCK_N // KV_HEADS
+    offs_n = tl.arange(0, BLOCK_N)
     slots = tl.load(slot_row + start + offs_n, mask=start + offs_n < end, other=0)
     if INTERPRET:
         # The interpreter (numpy >= 2) cannot use tensors as range() bounds.
         n0 = start
         while n0 < end:
-            next_pos = n0 + step + offs_n
+            next_pos = n0 + BLOCK_N + offs_n
             next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), kv_heads, n0 + offs_n < end, match, stride_kn,
-                stride_kh, stride_vn, stride_vh, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                KV_HEADS,
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
             )  # fmt: skip
             slots = next_slots
-            n0 += step
+            n0 += BLOCK_N
     else:
-        for n0 in range(start, end, step):
-            next_pos = n0 + step + offs_n
+        for n0 in range(start, end, BLOCK_N):
+            next_pos = n0 + BLOCK_N + offs_n
             next_slots = tl.load(slot_row + next_pos, mask=next_pos < end, other=0)
             m_i, l_i, acc = _decode_attention_block(
-                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), kv_heads, n0 + offs_n < end, match, stride_kn,
-                stride_kh, stride_vn, stride_vh, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
-                KV_HEADS,
+                q, k_buffer_ptr, v_buffer_ptr, slots.to(tl.int64), n0 + offs_n < end, stride_kn, stride_kh,
+                stride_vn, stride_vh, kv_head, m_i, l_i, acc, qk_scale, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
             )  # fmt: skip
             slots = next_slots
     has_keys = l_i > 0.0
@@ -289,8 +255,8 @@ def _decode_attention_stage1_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
+    num_kv_heads,
     GROUP: tl.constexpr,
-    KV_HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     MERGE_HEADS: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -303,27 +269,26 @@ def _decode_attention_stage1_kernel(
     PRECISE_PV: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kv_group = tl.program_id(1)  # KV heads kv_group * KV_HEADS .. + KV_HEADS - 1
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     req_row = tl.load(req_pool_indices_ptr + b).to(tl.int64)
     # Splits are whole blocks long so that only the last block of a split is partial.
-    step = BLOCK_N // KV_HEADS
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), step) * step
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_h = offs_h < KV_HEADS * GROUP
+    mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
-    heads = kv_group * KV_HEADS * GROUP + offs_h
+    heads = kv_head * GROUP + offs_h
 
     out, lse = _attend_range(
-        q_ptr + b * stride_qb, heads, mask_h, offs_h // GROUP, k_buffer_ptr, v_buffer_ptr,
-        req_to_token_ptr + req_row * stride_req, start, end, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-        kv_group * KV_HEADS, qk_scale, BLOCK_H, BLOCK_N, HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV, KV_HEADS,
+        q_ptr + b * stride_qb, heads, mask_h, k_buffer_ptr, v_buffer_ptr, req_to_token_ptr + req_row * stride_req,
+        start, end, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, kv_head, qk_scale, BLOCK_H, BLOCK_N,
+        HEAD_DIM, BLOCK_D, INTERPRET, PRECISE_PV,
     )  # fmt: skip
     if MERGE == MERGE_NONE:
         # One split: this is the final output.
@@ -340,17 +305,16 @@ def _decode_attention_stage1_kernel(
         )
         tl.store(partial_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
     if MERGE == MERGE_LAST_SPLIT:
-        # The last of this (request, KV heads)'s split programs to finish merges their partials, so no second
+        # The last of this (request, KV head)'s split programs to finish merges the group's partials, so no second
         # launch is needed. The barrier orders every thread's partial stores before the release; the counter goes
         # back to 0 for the next launch.
         tl.debug_barrier()
-        counter = counter_ptr + b * tl.num_programs(1) + kv_group
+        counter = counter_ptr + b * num_kv_heads + kv_head
         done = tl.atomic_add(counter, 1, sem="acq_rel")
         if done == NUM_SPLITS - 1:
             _merge_splits(
-                partial_out_ptr, partial_lse_ptr, out_ptr, b, kv_group * KV_HEADS * GROUP, stride_pob, stride_poh,
-                stride_pos, stride_lb, stride_lh, stride_ob, stride_oh, KV_HEADS * GROUP, MERGE_HEADS, NUM_SPLITS,
-                BLOCK_S, HEAD_DIM, BLOCK_D,
+                partial_out_ptr, partial_lse_ptr, out_ptr, b, kv_head * GROUP, stride_pob, stride_poh, stride_pos,
+                stride_lb, stride_lh, stride_ob, stride_oh, GROUP, MERGE_HEADS, NUM_SPLITS, BLOCK_S, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
             tl.atomic_xchg(counter, 0)
 
@@ -528,23 +492,20 @@ def decode_attention(
     block_n = decode_block_n(head_dim, q.element_size(), interpret)
     sm_count = num_sms(q.device)
     precise = precise_pv and q.dtype != torch.float32
-    group = num_q_heads // num_kv_heads
-    kv_heads = decode_kv_heads_per_program(num_kv_heads, group, block_n)
-    kv_groups = num_kv_heads // kv_heads
-    step = block_n // kv_heads  # positions per block
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(
-            batch, kv_groups, max_seq_len, step, sm_count, PROGRAMS_PER_SM_PRECISE if precise else PROGRAMS_PER_SM
+            batch, num_kv_heads, max_seq_len, block_n, sm_count, PROGRAMS_PER_SM_PRECISE if precise else PROGRAMS_PER_SM
         )
     elif max_seq_len_hint is not None:
-        num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, step)))
-    block_h = max(16, next_pow2(kv_heads * group))  # tl.dot needs M >= 16
+        num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
+    group = num_q_heads // num_kv_heads
+    block_h = max(16, next_pow2(group))  # tl.dot needs M >= 16
     block_d = next_pow2(head_dim)
 
     if fused_merge is None:
         fused_merge = interpret or FUSED_MERGE_GPU
-    counters = _merge_counters(q.device, batch * kv_groups) if fused_merge and num_kv_splits > 1 else None
+    counters = _merge_counters(q.device, batch * num_kv_heads) if fused_merge and num_kv_splits > 1 else None
     if num_kv_splits == 1:
         merge = MERGE_NONE
     else:
@@ -556,9 +517,9 @@ def decode_attention(
         partial_out = torch.empty((batch, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
 
-    stages = NUM_STAGES_GPU or decode_num_stages(batch * kv_groups * num_kv_splits, sm_count)
+    stages = NUM_STAGES_GPU or decode_num_stages(batch * num_kv_heads * num_kv_splits, sm_count)
     gpu_opts = {} if interpret else {"num_warps": NUM_WARPS_GPU, "num_stages": stages}
-    _decode_attention_stage1_kernel[(batch, kv_groups, num_kv_splits)](
+    _decode_attention_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q,
         k_buffer,
         v_buffer,
@@ -581,10 +542,10 @@ def decode_attention(
         *(partial_lse.stride()[:2] if merge != MERGE_NONE else (0, 0)),
         out.stride(0),
         out.stride(1),
+        num_kv_heads,
         GROUP=group,
-        KV_HEADS=kv_heads,
         BLOCK_H=block_h,
-        MERGE_HEADS=merge_heads(kv_heads * group, next_pow2(num_kv_splits), block_d),
+        MERGE_HEADS=merge_heads(group, next_pow2(num_kv_splits), block_d),
         BLOCK_S=next_pow2(num_kv_splits),
         MERGE=merge,
         BLOCK_N=block_n,

@@ -68,33 +68,28 @@ def main() -> int:
     ok = True
     bf = "*bf16"
     da = decode_attention
-    variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages, group, splits, KV heads per program
-        (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8, 1),
-        (128, "*bf16", True, da.MERGE_NONE, 2, 4, 1, 1),
-        (128, "*bf16", False, da.MERGE_NONE, 2, 4, 1, 1),
-        (128, "*bf16", False, da.MERGE_NONE, 2, 4, 1, 4),
-        (128, "*bf16", True, da.MERGE_KERNEL, 3, 4, 8, 1),
-        (128, "*bf16", False, da.MERGE_KERNEL, 2, 4, 8, 4),
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8, 1),
-        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8, 1),
-        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8, 4),
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 4, 16, 4),
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 8, 64, 1),  # merged two heads at a time
-        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 16, 8, 1),
-        (64, "*bf16", True, da.MERGE_NONE, 2, 3, 1, 1),
-        (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3, 4, 8, 1),
-        (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3, 4, 8, 2),
+    variants = [  # head dim, K/V type, precise P.V, merge, pipeline stages, group, splits
+        (64, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*bf16", True, da.MERGE_NONE, 2, 4, 1),
+        (128, "*bf16", False, da.MERGE_NONE, 2, 4, 1),
+        (128, "*bf16", True, da.MERGE_KERNEL, 3, 4, 8),
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*bf16", False, da.MERGE_LAST_SPLIT, 2, 4, 8),
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 8, 64),  # merged two heads at a time
+        (128, "*bf16", True, da.MERGE_LAST_SPLIT, 2, 16, 8),
+        (64, "*bf16", True, da.MERGE_NONE, 2, 3, 1),
+        (128, "*fp32", False, da.MERGE_LAST_SPLIT, 3, 4, 8),
+        (128, "*fp16", True, da.MERGE_LAST_SPLIT, 3, 4, 8),
     ]
-    for head_dim, bf, precise, merge, stages, group, splits, kv_heads in variants:
+    for head_dim, bf, precise, merge, stages, group, splits in variants:
         ok &= compile_variant(
             da._decode_attention_stage1_kernel,
             dict(
                 q_ptr=bf, k_buffer_ptr=bf, v_buffer_ptr=bf, req_to_token_ptr="*i32", req_pool_indices_ptr="*i64",
                 seq_lens_ptr="*i32", partial_out_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=bf, counter_ptr="*i32",
-                qk_scale="fp32",
+                qk_scale="fp32", num_kv_heads="i32",
             ),
-            dict(GROUP=group, KV_HEADS=kv_heads, BLOCK_H=max(16, group * kv_heads),
-                 MERGE_HEADS=da.merge_heads(group * kv_heads, splits, head_dim),
+            dict(GROUP=group, BLOCK_H=max(16, group), MERGE_HEADS=da.merge_heads(group, splits, head_dim),
                  BLOCK_S=splits, MERGE=merge.value, BLOCK_N=da.decode_block_n(head_dim, 4 if bf == "*fp32" else 2),
                  HEAD_DIM=head_dim, BLOCK_D=head_dim, NUM_SPLITS=splits, INTERPRET=False, PRECISE_PV=precise),
             num_warps=da.NUM_WARPS_GPU,

@@ -29,43 +29,6 @@ def test_decode_attention_matches_reference(dtype, group, head_dim, fused_merge)
     torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("num_kv_splits,fused_merge", [(1, True), (3, True), (3, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_several_kv_heads_per_program(monkeypatch, kv_heads, num_kv_splits, fused_merge, dtype):
-    """A program attending for 1, 2 or 4 KV heads (rows of each query head masked to its own KV head's keys)
-    matches the reference, with and without splits; lengths shorter than a block, zero and odd ones."""
-    monkeypatch.setattr(decode_module, "KV_HEADS_PER_PROGRAM", kv_heads)
-    lens = [0, 3, 37, 130]
-    k_buffer, v_buffer, req_to_token, req_pool_indices = make_paged_cache(lens, 4, 64, dtype, seed=13)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    q = randn(len(lens), 8, 64, seed=14, dtype=dtype)
-    ref = decode_attention_ref(q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125)
-    for _ in range(2):  # the counters are back at zero for the second launch
-        out = decode_attention(
-            q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, 0.125, num_kv_splits=num_kv_splits,
-            fused_merge=fused_merge,
-        )  # fmt: skip
-        torch.testing.assert_close(out.float().cpu(), ref.float().cpu(), **TOLERANCES[dtype])
-
-
-def test_kv_heads_per_program_choice(monkeypatch):
-    """As many KV heads as fit the dot's 16 rows with their query heads, dividing the KV heads; forced counts that
-    do not divide are refused by name."""
-    choose = decode_module.decode_kv_heads_per_program
-    assert choose(8, 4, 128) == 4  # Llama-3.1-8B: 16 query rows, 1 KiB runs per position
-    assert choose(8, 8, 128) == 2
-    assert choose(8, 16, 128) == 1
-    assert choose(8, 1, 128) == 8  # eight heads: the whole 2 KiB of a slot
-    assert choose(32, 1, 128) == 16
-    assert choose(3, 3, 128) == 1  # SmolLM2: 3 KV heads
-    assert choose(6, 2, 128) == 2
-    assert choose(8, 1, 4) == 4  # at least one position per block
-    monkeypatch.setattr(decode_module, "KV_HEADS_PER_PROGRAM", 4)
-    with pytest.raises(ValueError, match="4 KV heads per program must divide 6 KV heads"):
-        choose(6, 2, 128)
-
-
 @pytest.mark.parametrize("fused_merge", [True, False])
 @pytest.mark.parametrize("num_kv_splits", [1, 16])
 def test_decode_attention_split_counts_and_out_buffer(num_kv_splits, fused_merge):
