@@ -103,8 +103,8 @@ def merge_heads(group: int, block_s: int, block_d: int) -> int:
 
 
 def decode_num_stages(programs: int, sm_count: int) -> int:
-    """Stage-1 pipeline depth for a grid of `programs`: K/V one block ahead when SMs run two programs (two such
-    programs fit in shared memory), two blocks ahead when a short context leaves at most one program per SM."""
+    """Stage-1 pipeline depth for a grid of `programs`: K/V one block ahead when SMs run several programs (two or
+    three such programs fit in shared memory), two blocks ahead when at most one program per SM is left."""
     return 3 if programs <= sm_count else 2
 
 
