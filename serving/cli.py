@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine.spec_worker is not None:
         spec = f" with EAGLE-3 draft {engine.spec_worker.draft_path} ({engine.spec_worker.describe()})"
     print(f"specserve: serving '{engine.model_name}'{spec} on http://{cfg.host}:{cfg.port}/v1", flush=True)
-    serve(engine, cfg.host, cfg.port, cfg.chat_template, cfg.api_key, cfg.log_level)
+    serve(engine, cfg.host, cfg.port, cfg.chat_template, cfg.api_key, cfg.log_level, cfg.timeout_graceful_shutdown)
     return 0
 
 

@@ -76,6 +76,10 @@ class EngineConfig:
         default=None, metadata={"help": "Jinja chat template (string or file) overriding the tokenizer's"}
     )
     log_level: str = field(default="info", metadata={"help": "logging level"})
+    timeout_graceful_shutdown: float = field(
+        default=30.0,
+        metadata={"help": "seconds a stopping server (SIGINT, SIGTERM) lets open requests run before aborting them"},
+    )
 
     def __post_init__(self):
         if self.speculative_algorithm is not None and self.speculative_algorithm.upper() not in ("EAGLE3", "EAGLE"):
@@ -95,6 +99,8 @@ class EngineConfig:
             raise ValueError("--num-continuous-decode-steps must be >= 1")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError("--context-length must be >= 2")
+        if not self.timeout_graceful_shutdown >= 0:
+            raise ValueError("--timeout-graceful-shutdown must be >= 0")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:

@@ -130,11 +130,17 @@ class Engine:
             self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the engine thread; requests still in flight then end as aborts (their KV freed, their waiters told)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():  # a step stuck past the timeout: leave its state alone
+                return
             self._thread = None
+        self._drain_inbox()
+        for req in list(self.running) + list(self.waiting):
+            self._finish(req, "abort", error="the server is shutting down")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Req]:
         """Blocking batch generation in the caller's thread (tests, benchmarks); returns finished requests."""

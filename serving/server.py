@@ -402,8 +402,26 @@ async def _stream_chat(gen: _Generation, rid: str, model: str):
         gen.abort()
 
 
-def serve(engine: Engine, host: str, port: int, chat_template=None, api_key=None, log_level="info") -> None:
+def server_config(app, host: str, port: int, log_level: str = "info", timeout_graceful_shutdown: float = 30.0):
+    """uvicorn settings: on SIGINT/SIGTERM, open requests (long streams included) get timeout_graceful_shutdown
+    seconds to finish; then their tasks are cancelled, which aborts their generations, and the engine stops."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=timeout_graceful_shutdown,
+    )
+
+
+def serve(
+    engine: Engine, host: str, port: int, chat_template=None, api_key=None, log_level="info",
+    timeout_graceful_shutdown: float = 30.0,
+) -> None:  # fmt: skip
     import uvicorn
 
     app = create_app(engine, chat_template, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+    uvicorn.Server(server_config(app, host, port, log_level, timeout_graceful_shutdown)).run()

@@ -5,7 +5,7 @@ import time
 import httpx
 import uvicorn
 
-from serving.server import create_app
+from serving.server import create_app, server_config
 
 
 def free_port() -> int:
@@ -17,11 +17,13 @@ def free_port() -> int:
 class RunningServer:
     """uvicorn on 127.0.0.1 in a background thread, for the lifetime of a `with` block."""
 
-    def __init__(self, engine, **kwargs):
+    def __init__(self, engine, timeout_graceful_shutdown: float = 30.0, **kwargs):
         self.port = free_port()
         self.engine = engine
         app = create_app(engine, **kwargs)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            server_config(app, "127.0.0.1", self.port, "warning", timeout_graceful_shutdown=timeout_graceful_shutdown)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -170,3 +170,38 @@ def test_greedy_steps_cuda_graph_matches_single_steps():
         if k == 8:
             assert engine.runner.steps_graph.graphs and not engine.runner.steps_graph.failed
     assert outs[8] == outs[1]
+
+
+def test_attention_precise_pv_flag_reaches_both_kernels(monkeypatch):
+    """--attention-precise-pv (off by default) is handed to the Triton decode and extend kernels of the target;
+    the outputs still match the torch backend's (fp32 on CPU)."""
+    import argparse
+
+    from serving.attention import triton_backend
+
+    for argv, want_precise in (([], False), (["--attention-precise-pv"], True)):
+        parser = argparse.ArgumentParser()
+        EngineConfig.add_cli_args(parser)
+        flags = ["--attention-backend", "triton", "--max-total-tokens", "4096", "--num-continuous-decode-steps", "1"]
+        cfg = EngineConfig.from_cli_args(parser.parse_args([*argv, *flags]))
+        assert cfg.attention_precise_pv is want_precise
+        seen = []
+        for name in ("decode_attention", "extend_attention"):
+            kernel = getattr(triton_backend, name)
+
+            def record(*a, _kernel=kernel, _name=name, _seen=seen, **kw):
+                _seen.append((_name, kw["precise_pv"]))
+                return _kernel(*a, **kw)
+
+            monkeypatch.setattr(triton_backend, name, record)
+        _, target = tiny_target(layers=1)
+        prompts = _prompts(2, seed=5)
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        got = Engine(cfg, target).generate(prompts, params)
+        want = Engine(EngineConfig(max_total_tokens=4096, num_continuous_decode_steps=1), target).generate(
+            prompts, params
+        )
+        assert [r.output_ids for r in got] == [r.output_ids for r in want]
+        assert {n for n, _ in seen} == {"decode_attention", "extend_attention"}
+        assert all(p is want_precise for _, p in seen)
+        monkeypatch.undo()

@@ -235,3 +235,35 @@ def test_non_streaming_disconnects_abort_their_requests(api_key):
         assert asyncio.run(main()) == ["dropped"] * 4
         # 1,000 tokens take a lone request about 4 s here: ended early or not, idle within 10 s
         _assert_aborted_and_freed(server, aborted=4, start_free=start_free, wait_s=10)
+
+
+def test_stopping_server_aborts_open_streams_after_the_graceful_timeout():
+    """A server told to stop (as on SIGTERM) with a stream still open waits timeout_graceful_shutdown seconds, then
+    cancels it: the generation is aborted, its KV freed, and the server and engine threads exit, long before the
+    stream would have ended."""
+    _, target = tiny_target()
+    engine = Engine(EngineConfig(max_total_tokens=8192, max_running_requests=4), target)
+    step = engine.step
+    engine.step = lambda: time.sleep(0.01) or step()  # >= 10 s for the 1,000 tokens below, on any machine
+    server = RunningServer(engine, timeout_graceful_shutdown=0.5)
+    with server:
+        start_free = engine.allocator.num_free
+        body = {"model": engine.model_name, "prompt": [1, 2, 3], "max_tokens": 1000, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        chunks = 0
+        with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut, without its final chunks
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        chunks += 1
+                        if chunks == 3:
+                            stopped_at = time.monotonic()
+                            server.server.should_exit = True
+            finished = time.monotonic() - stopped_at
+        server.thread.join(timeout=10)
+        assert not server.thread.is_alive()
+        assert finished < 5 and chunks < 500  # cut off after about 0.5 s, not run to the end
+        assert engine._thread is None  # the lifespan stopped the engine
+        assert engine.is_idle()
+        assert engine.metrics.registry.get_sample_value("requests_total", {"finish_reason": "abort"}) == 1
+        assert engine.flush_cache() and engine.allocator.num_free == start_free
