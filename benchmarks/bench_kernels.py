@@ -142,7 +142,7 @@ def auto_decode_splits(batch: int, prefix: int, device: torch.device, dtype: tor
 
     module = importlib.import_module("kernels.decode_attention")  # `kernels` re-exports the function by that name
     block_n = module.decode_block_n(HEAD_DIM, dtype.itemsize, device.type != "cuda")
-    per_sm = module.PROGRAMS_PER_SM_PRECISE if precise_pv and dtype != torch.float32 else module.PROGRAMS_PER_SM
+    per_sm = module.programs_per_sm(dtype, precise_pv)
     return module.choose_num_kv_splits(batch, NUM_KV_HEADS, prefix, block_n, num_sms(device), per_sm)
 
 

@@ -13,6 +13,8 @@ the splits divide its actual length, so a short request just has short splits.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,17 @@ def decode_block_n(head_dim: int, element_size: int, interpret: bool = False) ->
     return max(16, min(BLOCK_N_GPU, BLOCK_N_GPU * 256 // row_bytes))
 
 
+def precise_pv_applies(dtype: torch.dtype, precise_pv: bool) -> bool:
+    """The split P.V exists for half-precision K/V only: fp32 probabilities already enter an fp32 product whole."""
+    return precise_pv and dtype != torch.float32
+
+
+def programs_per_sm(dtype: torch.dtype, precise_pv: bool) -> int:
+    """Stage-1 programs one SM holds at once, for the split count (`choose_num_kv_splits`)."""
+    return PROGRAMS_PER_SM_PRECISE if precise_pv_applies(dtype, precise_pv) else PROGRAMS_PER_SM
+
+
+@functools.lru_cache(maxsize=4096)
 def choose_num_kv_splits(
     batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sm_count: int, programs_per_sm: int = PROGRAMS_PER_SM
 ) -> int:
@@ -75,6 +88,7 @@ def choose_num_kv_splits(
     splits than blocks at max_seq_len, and no split left empty. On an H200 (132 SMs, 8 KV heads, 4096 keys in
     blocks of 128, three programs per SM) this picked the fastest count of 1-8 measured at batch 8-64 (bf16 P.V):
     batch 8 -> 4 splits (256 programs), 12 -> 4 (384), 16 -> 2, 24 -> 2, 32 -> 1, 48 -> 1, 64 -> 3 (four waves).
+    Cached: eager decode asks once per layer and step with the same few inputs.
     """
     pairs = max(1, batch * num_kv_heads)
     num_blocks = max(1, -(-max_seq_len // block_n))
@@ -491,11 +505,11 @@ def decode_attention(
     interpret = on_interpreter(q)
     block_n = decode_block_n(head_dim, q.element_size(), interpret)
     sm_count = num_sms(q.device)
-    precise = precise_pv and q.dtype != torch.float32
+    precise = precise_pv_applies(q.dtype, precise_pv)
     max_seq_len = req_to_token.shape[1] if max_seq_len_hint is None else max_seq_len_hint
     if num_kv_splits is None:
         num_kv_splits = choose_num_kv_splits(
-            batch, num_kv_heads, max_seq_len, block_n, sm_count, PROGRAMS_PER_SM_PRECISE if precise else PROGRAMS_PER_SM
+            batch, num_kv_heads, max_seq_len, block_n, sm_count, programs_per_sm(q.dtype, precise_pv)
         )
     elif max_seq_len_hint is not None:
         num_kv_splits = max(1, min(num_kv_splits, triton.cdiv(max_seq_len_hint, block_n)))
