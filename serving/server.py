@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from serving.config import EngineConfig
 from serving.engine import Engine
 from serving.metrics import EngineMetrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -402,7 +403,7 @@ async def _stream_chat(gen: _Generation, rid: str, model: str):
         gen.abort()
 
 
-def server_config(app, host: str, port: int, log_level: str = "info", timeout_graceful_shutdown: float = 30.0):
+def server_config(app, host: str, port: int, log_level: str, timeout_graceful_shutdown: float):
     """uvicorn settings: on SIGINT/SIGTERM, open requests (long streams included) get timeout_graceful_shutdown
     seconds to finish; then their tasks are cancelled, which aborts their generations, and the engine stops."""
     import uvicorn
@@ -419,7 +420,7 @@ def server_config(app, host: str, port: int, log_level: str = "info", timeout_gr
 
 def serve(
     engine: Engine, host: str, port: int, chat_template=None, api_key=None, log_level="info",
-    timeout_graceful_shutdown: float = 30.0,
+    timeout_graceful_shutdown: float = EngineConfig.timeout_graceful_shutdown,
 ) -> None:  # fmt: skip
     import uvicorn
 

@@ -5,6 +5,7 @@ import time
 import httpx
 import uvicorn
 
+from serving.config import EngineConfig
 from serving.server import create_app, server_config
 
 
@@ -17,7 +18,7 @@ def free_port() -> int:
 class RunningServer:
     """uvicorn on 127.0.0.1 in a background thread, for the lifetime of a `with` block."""
 
-    def __init__(self, engine, timeout_graceful_shutdown: float = 30.0, **kwargs):
+    def __init__(self, engine, timeout_graceful_shutdown: float = EngineConfig.timeout_graceful_shutdown, **kwargs):
         self.port = free_port()
         self.engine = engine
         app = create_app(engine, **kwargs)
