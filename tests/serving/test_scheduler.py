@@ -175,13 +175,11 @@ def test_greedy_steps_cuda_graph_matches_single_steps():
 def test_attention_precise_pv_flag_reaches_both_kernels(monkeypatch):
     """--attention-precise-pv (off by default) is handed to the Triton decode and extend kernels of the target;
     the outputs still match the torch backend's (fp32 on CPU)."""
-    import argparse
-
     from serving.attention import triton_backend
+    from serving.cli import build_parser
 
     for argv, want_precise in (([], False), (["--attention-precise-pv"], True)):
-        parser = argparse.ArgumentParser()
-        EngineConfig.add_cli_args(parser)
+        parser = build_parser()
         flags = ["--attention-backend", "triton", "--max-total-tokens", "4096", "--num-continuous-decode-steps", "1"]
         cfg = EngineConfig.from_cli_args(parser.parse_args([*argv, *flags]))
         assert cfg.attention_precise_pv is want_precise
